@@ -1,0 +1,206 @@
+"""``CKACallback``: an observer that measures per-layer student↔teacher CKA during training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
+
+from .cka import MinibatchCKA
+from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
+
+CKA_PREFIX = "cka/"
+
+
+def cka_history(log_history: Sequence[dict]) -> list[dict]:
+    """CKA measurements recorded in a ``TrainerState.log_history``, in step order.
+
+    Returns ``[{"step": int, "mean": float, "layers": {layer_index: cka}}]``.
+    """
+    out = []
+    for entry in log_history:
+        if f"{CKA_PREFIX}mean" not in entry:
+            continue
+        layers = {int(k[len(CKA_PREFIX + "layer_"):]): v for k, v in entry.items() if k.startswith(CKA_PREFIX + "layer_")}
+        out.append({"step": int(entry.get("step", 0)), "mean": entry[f"{CKA_PREFIX}mean"], "layers": dict(sorted(layers.items()))})
+    return sorted(out, key=lambda e: e["step"])
+
+
+def tokenize_probe(probe, tokenizer, max_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed, padded probe batches holding at most ``max_tokens`` real tokens in all.
+
+    ``probe``: strings (needs ``tokenizer``), or examples with ``input_ids``.
+    """
+    rows: list[list[int]] = []
+    budget = max_tokens
+    for example in probe:
+        if isinstance(example, str):
+            if tokenizer is None:
+                raise ValueError("the probe set holds text: pass tokenizer= or use a Trainer with a processing_class")
+            ids = tokenizer(example)["input_ids"]
+        else:
+            ids = list(example["input_ids"])
+            if "attention_mask" in example:
+                ids = [t for t, m in zip(ids, example["attention_mask"]) if m]
+        ids = ids[:budget]
+        if len(ids) >= 2:
+            rows.append(ids)
+            budget -= len(ids)
+        if budget <= 0:
+            break
+    if not rows:
+        raise ValueError("the CKA probe set has no example with at least 2 tokens")
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, seq in enumerate(chunk):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def measure_cka(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batches: Sequence[dict[str, torch.Tensor]],
+    layers="all",
+    *,
+    debiased: bool = False,
+    full: bool = False,
+) -> tuple[list[int], torch.Tensor]:
+    """Per-layer CKA (or the layer×layer matrix with ``full=True``) over fixed probe batches.
+
+    Tokens are the rows (padding excluded); each batch is one minibatch of
+    :class:`~hf_sdft.cka.MinibatchCKA`. Under torch.distributed each process takes every
+    world-size-th batch and the HSIC sums are all-reduced, so the value equals the
+    single-process one. ``teacher=None``: the PEFT student's base (adapters disabled).
+    """
+    student = unwrap(student)
+    teacher_module = unwrap(teacher) if teacher is not None else student
+    layers = resolve_layers(layers, student, teacher_module, what="layers")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    device = next(student.parameters()).device
+    modes = student.training, teacher_module.training
+    student.eval(), teacher_module.eval()
+    acc = MinibatchCKA(len(layers), len(layers), debiased=debiased)
+    try:
+        for b, batch in enumerate(batches):
+            if b % world != rank:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            rows = batch["attention_mask"].bool()
+            with capture_layers(student, layers) as hs:
+                student(**batch, use_cache=False)
+            with teacher_context(student, teacher) as t, capture_layers(t, layers) as ht:
+                t(**batch, use_cache=False)
+            acc.update([hs[i][rows] for i in layers], [ht[i][rows] for i in layers])
+    finally:
+        student.train(modes[0])
+        teacher_module.train(modes[1])
+    acc.all_reduce()
+    return layers, acc.matrix() if full else acc.compute()
+
+
+class CKACallback(TrainerCallback):
+    """Logs per-layer student↔teacher CKA on a fixed probe set: ``cka/layer_{i}`` and ``cka/mean``.
+
+    Measures at train begin, every ``every_n_steps`` steps (or at each evaluation when it
+    is None) and at train end. The values go into ``TrainerState.log_history``, so they are
+    saved in ``trainer_state.json`` with every checkpoint and continue after resume; read
+    them back with :func:`cka_history`.
+
+    Works with any ``Trainer``: pass ``teacher_model=`` (``SDFTTrainer`` / ``SDFTSFTTrainer``
+    supply their own teacher and bind the callback, so its values also reach ``report_to``).
+    For another trainer call :meth:`bind` to log through it.
+
+    Args:
+        probe_dataset: texts, or examples with ``input_ids`` (and optionally ``attention_mask``).
+        max_tokens: cap on probe tokens (rows of the CKA); the same tokens every time.
+        debiased: unbiased HSIC per minibatch (Nguyen et al. 2021); needs ≥ 4 tokens a batch.
+    """
+
+    def __init__(
+        self,
+        probe_dataset,
+        teacher_model: nn.Module | None = None,
+        *,
+        layers="all",
+        every_n_steps: int | None = None,
+        max_tokens: int = 4096,
+        debiased: bool = False,
+        batch_size: int = 8,
+        tokenizer=None,
+    ):
+        if probe_dataset is None or len(probe_dataset) == 0:
+            raise ValueError("CKACallback needs a non-empty probe_dataset (texts or tokenized examples)")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be a positive number of steps or None")
+        if max_tokens < 4:
+            raise ValueError(f"max_tokens={max_tokens} is too small to measure CKA (need at least 4 tokens)")
+        from .config import parse_layers
+
+        self.probe_dataset = probe_dataset
+        self.teacher_model = teacher_model
+        self.layers = parse_layers(layers)
+        self.every_n_steps = every_n_steps
+        self.max_tokens = max_tokens
+        self.debiased = debiased
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.trainer = None
+        self._batches = None
+
+    def bind(self, trainer) -> None:
+        """Log through ``trainer.log`` and, if no teacher was given, use ``trainer.teacher_model``."""
+        self.trainer = trainer
+
+    def _teacher(self) -> tuple[bool, nn.Module | None]:
+        if self.teacher_model is not None:
+            return True, self.teacher_model
+        if self.trainer is not None and hasattr(self.trainer, "teacher_model"):
+            return True, self.trainer.teacher_model
+        return False, None
+
+    def measure(self, model: nn.Module, tokenizer=None) -> dict[str, float]:
+        found, teacher = self._teacher()
+        if not found:
+            raise ValueError("CKACallback has no teacher: pass teacher_model= or use it with an SDFT trainer")
+        if self._batches is None:
+            self._batches = tokenize_probe(self.probe_dataset, self.tokenizer or tokenizer, self.max_tokens, self.batch_size)
+        layers, values = measure_cka(model, teacher, self._batches, self.layers, debiased=self.debiased)
+        logs = {f"{CKA_PREFIX}layer_{i}": float(v) for i, v in zip(layers, values)}
+        logs[f"{CKA_PREFIX}mean"] = float(values.mean())
+        return logs
+
+    def _record(self, state, control, model, tokenizer) -> None:
+        if any(e.get("step") == state.global_step and f"{CKA_PREFIX}mean" in e for e in state.log_history):
+            return  # already measured at this step (e.g. resumed from a checkpoint taken here)
+        logs = self.measure(model, tokenizer)
+        if self.trainer is not None:
+            pending = control.should_log
+            self.trainer.log(logs)  # on_log clears should_log: keep the Trainer's own pending log
+            control.should_log = self.trainer.control.should_log = pending
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._record(state, control, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._record(state, control, model, processing_class)
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.every_n_steps is None:
+            self._record(state, control, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._record(state, control, model, processing_class)

@@ -1,0 +1,140 @@
+"""The frozen teacher: loading, validation against the student, forward passes, and
+capturing the hidden states of chosen decoder layers with forward hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / torch.compile wrappers (not PEFT)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (``config.num_hidden_layers`` long)."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    expected = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if expected is not None:
+        candidates = [m for m in candidates if len(m) == expected]
+    if not candidates:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of "
+            f"{expected if expected is not None else 'decoder'} blocks"
+        )
+    return max(candidates, key=len)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def resolve_layers(layers, model: nn.Module, other: nn.Module | None = None, what: str = "cka_layers") -> list[int]:
+    """Turn ``"all"`` or indices into a checked list of decoder-layer indices."""
+    n = num_layers(model)
+    m = num_layers(other) if other is not None else n
+    if layers == "all":
+        if n != m:
+            raise ValueError(
+                f"{what}='all' but the student has {n} decoder layers and the teacher {m}: list the layers to compare"
+            )
+        return list(range(n))
+    bad = [i for i in layers if not (0 <= i < min(n, m))]
+    if bad:
+        raise ValueError(
+            f"{what}={list(layers)} names layers {bad} that the models do not have "
+            f"(student has {n} decoder layers, teacher {m}; valid indices 0..{min(n, m) - 1})"
+        )
+    return list(layers)
+
+
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forward passes of ``model`` record ``{layer: hidden (B, T, D)}``.
+
+    Hooks exist only while the block runs and only on the listed layers.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    if not layers:
+        yield captured
+        return
+    blocks = decoder_layers(model)
+
+    def hook_for(i: int):
+        def hook(_module, _args, output):
+            captured[i] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    emb = unwrap(model).get_output_embeddings()
+    if emb is None:
+        return unwrap(model).config.vocab_size
+    weight = emb.weight
+    return int(weight.shape[0])
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise if the teacher is the student, shares its weights, or has another vocabulary."""
+    if teacher is student or unwrap(teacher) is unwrap(student):
+        raise ValueError(
+            "teacher_model is the student object itself: pass a separate copy of the original model "
+            "(e.g. copy.deepcopy(model) before degrading it, or load it again with from_pretrained)"
+        )
+    student_ptrs = {p.data_ptr() for p in student.parameters()}
+    if any(p.data_ptr() in student_ptrs for p in teacher.parameters()):
+        raise ValueError(
+            "teacher_model shares weight tensors with the student, so training the student would change the teacher: "
+            "load or deepcopy the teacher separately"
+        )
+    vs, vt = output_vocab_size(student), output_vocab_size(teacher)
+    if vs != vt:
+        raise ValueError(
+            f"student and teacher vocabularies differ: student has {vs} output logits, teacher {vt}. "
+            "SDFT needs the same tokenizer on both sides; resize_token_embeddings() one of them or pick a matching teacher"
+        )
+
+
+def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[nn.Module]:
+    """Yield the module that computes the teacher's outputs, under ``torch.no_grad()``.
+
+    ``teacher=None`` means "the PEFT student's base model with its adapters disabled".
+    """
+    with torch.no_grad():
+        if teacher is not None:
+            yield teacher
+            return
+        peft_model = unwrap(student)
+        if not hasattr(peft_model, "disable_adapter"):
+            raise ValueError("teacher_model=None needs a PEFT student (its base model is the teacher)")
+        with peft_model.disable_adapter():
+            yield peft_model
