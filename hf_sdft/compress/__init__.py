@@ -1,5 +1,7 @@
-"""Degradations: quantization (optimum-quanto) and pruning, behind one small registry."""
+"""Degradations behind one small registry: ``quanto`` (optimum-quanto quantization, in
+:mod:`.quantize`) and ``prune`` (unstructured / N:M pruning with kept masks, in :mod:`.prune`)."""
 
+from . import prune, quantize  # noqa: F401  (import registers the degradations)
 from .base import DEGRADATIONS, Degradation, get_degradation, register_degradation
 
 __all__ = ["DEGRADATIONS", "Degradation", "get_degradation", "register_degradation"]
