@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
 from .cka import MinibatchCKA
+from .distributed import rank_and_world
 from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
 
 CKA_PREFIX = "cka/"
@@ -86,7 +86,7 @@ def measure_cka(
     student = unwrap(student)
     teacher_module = unwrap(teacher) if teacher is not None else student
     layers = resolve_layers(layers, student, teacher_module, what="layers")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     device = next(student.parameters()).device
     modes = student.training, teacher_module.training
     student.eval(), teacher_module.eval()

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+
+from .distributed import all_reduce_sum
 
 _REL_EPS = 1e-24  # self-HSIC below this fraction of the raw scale counts as "no variance"
 
@@ -174,14 +175,9 @@ class MinibatchCKA:
 
     def all_reduce(self) -> None:
         """Sum the accumulators over processes (each process fed different minibatches)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         count = torch.tensor([float(self.num_examples)], dtype=torch.float64)
         for t in (self.hsic_xy, self.hsic_xx, self.hsic_yy, self.scale_x, self.scale_y, count):
-            buf = t.to(device)
-            dist.all_reduce(buf)
-            t.copy_(buf.cpu())
+            all_reduce_sum(t)
         self.num_examples = int(count.item())
 
     def matrix(self) -> torch.Tensor:

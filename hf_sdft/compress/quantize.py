@@ -101,7 +101,7 @@ def save_quantized(model: nn.Module, output_dir: str | Path) -> None:
         model.generation_config.save_pretrained(output_dir)
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (same logits) from a folder or Hub id.
 
     The model is built on CPU from its config, not on the meta device: meta builds leave
@@ -112,8 +112,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     if not Path(path).exists():
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(str(path))
-    path = Path(path)
+        path = snapshot_download(str(path), allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    path = Path(path) / (subfolder or "")
     missing = [f for f in (WEIGHTS_FILE, QMAP_FILE, "config.json") if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a quanto checkpoint saved by save_quantized: missing {missing}")

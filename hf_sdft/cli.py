@@ -1,0 +1,126 @@
+"""``hf-sdft`` command line: recover, degrade, eval, card.
+
+    hf-sdft recover [--config recipes/quanto-int4.yaml] [--field value ...]
+    accelerate launch -m hf_sdft.cli recover --config recipes/prune-50.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USAGE = """usage: hf-sdft {recover,degrade,eval,card} ...
+
+  recover  degrade a model, recover it by self-distillation, print the results table
+           (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
+  degrade  write the degraded student only
+  eval     perplexity and per-layer CKA of a student against its teacher
+  card     (re)build the model card of a recovery output folder
+
+Options of recover/degrade: --config RECIPE.yaml and any field of RecoveryArguments,
+SDFTConfig (transformers TrainingArguments + kd_*/cka_*) or TRL's ModelConfig.
+"""
+
+
+def _recipe_parser():
+    from trl import ModelConfig, TrlParser
+
+    from .recover import RecoveryArguments, RecoveryConfig
+
+    return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig))
+
+
+def cmd_recover(argv: list[str]) -> dict:
+    from .recover import format_table, run_recovery
+
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    stats = run_recovery(rec, args, model_args)
+    if args.process_index == 0:
+        print(format_table(stats))
+        print(f"saved to {args.output_dir}")
+    return stats
+
+
+def cmd_degrade(argv: list[str]) -> None:
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import as_batches, default_model_path
+    from .recover import load_data, sft_on_narrow
+
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    path = model_args.model_name_or_path or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path)
+    data = load_data(rec, tokenizer, model_args.model_name_or_path is None)
+    student = copy.deepcopy(teacher)
+    degradation = rec.build_degradation()
+    if rec.degradation == "forgetting":
+        sft_on_narrow(student, tokenizer, data, args, rec)
+    elif degradation is not None:
+        degradation.apply(student, calibration=as_batches(data.train.select(range(rec.calibration_blocks)), 4))
+    if args.should_save:
+        (degradation.save if degradation is not None else lambda m, d: m.save_pretrained(d))(student, args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
+
+
+def load_any(path: str):
+    """A causal LM saved by hf-sdft or transformers (quanto folders are detected)."""
+    from .compress.quantize import QMAP_FILE, load_quantized
+
+    if (Path(path) / QMAP_FILE).exists():
+        return load_quantized(path)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def cmd_eval(argv: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    from .callbacks import measure_cka, tokenize_probe
+    from .data import as_batches, default_data_file, load_texts, pack_blocks
+    from .evaluation import perplexity
+
+    p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity and per-layer CKA of a student vs its teacher.")
+    p.add_argument("--student", required=True, help="folder saved by hf-sdft/transformers (quanto folders detected)")
+    p.add_argument("--teacher", required=True, help="the original model: folder or Hub id")
+    p.add_argument("--eval_file", default=None, help="held-out text (default: the embedded default's eval split)")
+    p.add_argument("--dataset_text_field", default="text")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--max_eval_blocks", type=int, default=200)
+    p.add_argument("--probe_blocks", type=int, default=32)
+    a = p.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(a.teacher)
+    texts = load_texts(data_file=a.eval_file or default_data_file("eval"), text_field=a.dataset_text_field)
+    blocks = pack_blocks(tokenizer, texts, a.block_size, a.max_eval_blocks)
+    student, teacher = load_any(a.student), load_any(a.teacher)
+    probe = blocks.select(range(min(a.probe_blocks, len(blocks))))
+    layers, cka = measure_cka(student, teacher, tokenize_probe(probe, None, len(probe) * a.block_size, 8))
+    batches = as_batches(blocks, 16)
+    result = {
+        "perplexity": {"student": perplexity(student, batches), "teacher": perplexity(teacher, batches)},
+        "cka": {str(i): float(v) for i, v in zip(layers, cka)},
+        "cka_mean": float(cka.mean()),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The two torch.distributed helpers the measurements need (no-ops in one process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over processes in place (through CUDA under NCCL) and return it."""
+    if rank_and_world()[1] == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buf = tensor.to(device)
+    dist.all_reduce(buf)
+    tensor.copy_(buf.cpu())
+    return tensor
