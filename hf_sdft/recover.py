@@ -173,28 +173,33 @@ def sft_on_narrow(student, tokenizer, data: RecoveryData, args: SDFTConfig, rec:
     return student
 
 
-def add_lora(student, model_args, degradation):
+QUANTIZED_BASE = "quantized_base"
+
+
+def add_lora(student, model_args, degradation, output_dir: str, should_save: bool):
     """Wrap the student with LoRA adapters (TRL ``ModelConfig`` fields). A quantized base
-    is frozen to integer weights first: the memory-light path."""
+    is frozen to integer weights first (the memory-light path) and, since it never changes
+    afterwards, saved right away to ``output_dir/quantized_base``."""
     from peft import get_peft_model
     from trl import get_peft_config
 
     if degradation is not None and degradation.kind == "quanto":
         freeze_base(student)
+        if should_save:
+            save_quantized(student, Path(output_dir) / QUANTIZED_BASE)
     return get_peft_model(student, get_peft_config(model_args))
 
 
 def save_student(student, tokenizer, degradation, output_dir: str, lora: bool) -> tuple[str, str]:
     """Save the recovered student; returns (format, Python that loads it from ``{path}``)."""
     quanto = degradation is not None and degradation.kind == "quanto"
-    if quanto and lora:
-        save_quantized(student.get_base_model(), Path(output_dir) / "quantized_base")
+    if quanto and lora:  # the quantized base was saved by add_lora
         student.save_pretrained(output_dir)
         fmt = "quanto+lora"
         code = (
             "from peft import PeftModel\n"
             "from hf_sdft.compress.quantize import load_quantized\n\n"
-            'base = load_quantized("{path}", subfolder="quantized_base")\n'
+            f'base = load_quantized("{{path}}", subfolder="{QUANTIZED_BASE}")\n'
             'model = PeftModel.from_pretrained(base, "{path}")'
         )
     elif quanto:
@@ -235,7 +240,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
         trainer = None
     else:
         if model_args.use_peft:
-            student = add_lora(student, model_args, degradation)
+            student = add_lora(student, model_args, degradation, args.output_dir, args.should_save)
         callbacks = [CKACallback(data.probe, every_n_steps=rec.cka_every_n_steps,
                                  max_tokens=len(data.probe) * rec.block_size)]
         if degradation is not None:
@@ -288,6 +293,7 @@ def build_stats(rec, args, model_args, model_path, degradation, teacher_m, befor
                 "mean_after": after["cka_mean"]},
         "cka_history": [] if trainer is None else cka_history(trainer.state.log_history),
         "seconds": round(seconds, 1),
+        "world_size": args.world_size,
     }
     if "narrow_ppl" in before:
         stats["narrow_perplexity"] = {"teacher": teacher_m["narrow_ppl"], "degraded": before["narrow_ppl"],

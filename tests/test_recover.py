@@ -1,0 +1,168 @@
+"""The recovery job end to end on a tiny model folder: every degradation, LoRA students,
+saved outputs that load back, resume, recipes and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_sdft.cli import _recipe_parser
+from hf_sdft.compress.prune import masks_from_zeros, sparsity_report
+from hf_sdft.compress.quantize import load_quantized
+from hf_sdft.recover import STATS_FILE, RecoveryArguments, run_recovery
+
+from .helpers import make_model, make_texts, make_tokenizer
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_model().save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    for name, n, seed in [("train", 300, 1), ("eval", 80, 2)]:
+        (root / f"{name}.txt").write_text("\n".join(make_texts(n, seed=seed)))
+    (root / "narrow_train.txt").write_text("\n".join(["abc abc abd abc."] * 200))
+    (root / "narrow_eval.txt").write_text("\n".join(["abc abd abc abc."] * 40))
+    return root
+
+
+def recover(tiny, out, *extra):
+    argv = [
+        "--model_name_or_path", str(tiny / "model"), "--train_file", str(tiny / "train.txt"),
+        "--eval_file", str(tiny / "eval.txt"), "--output_dir", str(out), "--block_size", "32",
+        "--max_steps", "8", "--save_steps", "4", "--cka_every_n_steps", "4", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "8", "--probe_blocks", "8", "--use_cpu", "true", *extra,
+    ]
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    return run_recovery(rec, args, model_args), args
+
+
+def load_by_card_code(stats, path):
+    scope = {}
+    exec(stats["loading_code"].replace("{path}", str(path)), scope)
+    return scope["model"]
+
+
+def logits(model, tiny):
+    ids = torch.tensor([make_tokenizer()(make_texts(1, seed=9)[0])["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_quanto_recovery_saves_an_identical_quantized_student(tiny, tmp_path):
+    stats, _ = recover(tiny, tmp_path, "--quant_weights", "int2")
+    saved = json.loads((tmp_path / STATS_FILE).read_text())
+    assert saved["perplexity"]["recovered"] == pytest.approx(stats["perplexity"]["recovered"])
+    assert set(saved["cka"]["after"]) == {"0", "1"} and saved["world_size"] == 1
+    assert [h["step"] for h in saved["cka_history"]] == [0, 4, 8]
+    assert saved["format"] == "quanto" and saved["degradation"]["weights"] == "int2"
+    model = load_by_card_code(saved, tmp_path)
+    from hf_sdft.evaluation import perplexity
+    from hf_sdft.recover import load_data
+
+    rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
+    data = load_data(rec, make_tokenizer(), default_model=False)
+    assert perplexity(model, data.eval_batches) == pytest.approx(saved["perplexity"]["recovered"], rel=1e-6)
+    assert torch.equal(logits(model, tiny), logits(load_quantized(tmp_path), tiny))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_pruned_recovery_keeps_exact_sparsity(tiny, tmp_path, pattern):
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--prune_pattern", pattern,
+                       "--prune_method", "wanda", "--learning_rate", "1e-2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    report = sparsity_report(model)
+    assert report["total"] == pytest.approx(0.5, abs=1e-9)
+    assert stats["degradation"]["pattern"] == pattern
+    assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]  # it trained
+
+
+def test_pruned_lora_student_merges_without_losing_sparsity(tiny, tmp_path):
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--use_peft", "true", "--lora_r", "4",
+                       "--lora_target_modules", "q_proj", "v_proj", "up_proj", "--learning_rate", "5e-2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sparsity_report(model)["total"] == pytest.approx(0.5, abs=1e-9)
+    assert stats["recovery"]["lora"] and stats["format"] == "transformers"
+
+
+def test_quanto_lora_student_keeps_adapters_on_a_quantized_base(tiny, tmp_path):
+    stats, _ = recover(tiny, tmp_path, "--use_peft", "true", "--lora_r", "4", "--learning_rate", "5e-2")
+    assert stats["format"] == "quanto+lora"
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "quantized_base" / "quanto_qmap.json").exists()
+    model = load_by_card_code(stats, tmp_path)
+    from hf_sdft.evaluation import perplexity
+    from hf_sdft.recover import load_data
+
+    rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
+    data = load_data(rec, make_tokenizer(), default_model=False)
+    assert perplexity(model, data.eval_batches) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["recover", "prevent"])
+def test_forgetting_recipe_reports_narrow_and_general_perplexity(tiny, tmp_path, mode):
+    stats, _ = recover(tiny, tmp_path, "--degradation", "forgetting", "--forgetting_mode", mode,
+                       "--narrow_train_file", str(tiny / "narrow_train.txt"),
+                       "--narrow_eval_file", str(tiny / "narrow_eval.txt"), "--forgetting_steps", "10",
+                       "--forgetting_learning_rate", "1e-2", "--kd_ratio", "0.5" if mode == "prevent" else "1.0")
+    narrow = stats["narrow_perplexity"]
+    assert narrow["degraded"] < narrow["teacher"]  # plain SFT learned the narrow task
+    assert stats["perplexity"]["degraded"] > stats["perplexity"]["teacher"]  # ...and forgot general text
+    assert stats["degradation"]["mode"] == mode
+
+
+def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path):
+    first, _ = recover(tiny, tmp_path, "--degradation", "prune", "--max_steps", "4", "--learning_rate", "1e-2")
+    masks = masks_from_zeros(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4"))
+    resumed, args = recover(tiny, tmp_path, "--degradation", "prune", "--max_steps", "8", "--learning_rate", "1e-2")
+    assert resumed["recovery"]["steps"] == 8
+    assert [h["step"] for h in resumed["cka_history"]] == [0, 4, 8]  # history from before the interruption kept
+    final = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert masks_from_zeros(final).keys() == masks.keys()
+    for name, mask in masks_from_zeros(final).items():
+        assert torch.equal(mask, masks[name])
+
+
+def test_interrupted_quanto_run_resumes_quantized(tiny, tmp_path):
+    recover(tiny, tmp_path, "--max_steps", "4")
+    resumed, _ = recover(tiny, tmp_path, "--max_steps", "8")
+    assert resumed["recovery"]["steps"] == 8
+    assert (tmp_path / "quanto_qmap.json").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_parse(recipe):
+    rec, args, model_args = _recipe_parser().parse_args_and_config(["--config", str(recipe)])
+    assert rec.degradation in ("quanto", "prune", "forgetting")
+    assert args.output_dir == f"outputs/{recipe.stem}" and not args.bf16
+    assert rec.build_degradation() is not None or rec.degradation == "forgetting"
+
+
+def test_recipe_names_all_required_kinds():
+    assert {r.stem for r in RECIPES} >= {"quanto-int4", "quanto-int2", "prune-50", "prune-2of4", "forgetting"}
+
+
+class TestBadInput:
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="train_file=/nope.txt does not exist"):
+            _recipe_parser().parse_args_and_config(["--train_file", "/nope.txt"])
+
+    def test_no_text_field(self, tiny, tmp_path):
+        f = tmp_path / "data.jsonl"
+        f.write_text('{"content": "hello there"}\n')
+        with pytest.raises(ValueError, match="no text field 'text' \\(columns: content\\): set dataset_text_field"):
+            recover(tiny, tmp_path / "out", "--train_file", str(f))
+
+    @pytest.mark.parametrize("flags,msg", [
+        (["--quant_weights", "int3"], "unsupported weight bit width 'int3'"),
+        (["--degradation", "prune", "--prune_pattern", "3:8:1"], "pattern"),
+        (["--degradation", "prune", "--prune_sparsity", "1.0"], "sparsity"),
+        (["--degradation", "prune", "--prune_pattern", "2:3"], "divisible"),
+        (["--degradation", "distill"], "degradation='distill': choose one of quanto, prune, forgetting, none"),
+    ])
+    def test_bad_degradation_options(self, tiny, tmp_path, flags, msg):
+        with pytest.raises(ValueError, match=msg):
+            recover(tiny, tmp_path, *flags)
