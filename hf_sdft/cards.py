@@ -95,14 +95,14 @@ def _local_license(base: str) -> str | None:
 
 
 def _eval_source(data: dict, prefix: str) -> dict:
-    """EvalResult dataset fields for the eval text (``prefix`` "" or "narrow_")."""
+    """EvalResult dataset fields for the eval text (``prefix`` "" or "narrow_"); local text
+    gets the split name ``eval`` / ``narrow_eval`` so the two never merge in the model-index."""
     file, hub = data.get(f"{prefix}eval_file"), data.get(f"{prefix}dataset_name")
-    if file:
-        return {"dataset_type": "text", "dataset_name": f"{Path(file).name} (local file)"}
-    if hub:  # as hf_sdft.recover.load_data reads it: the validation split, one config name for both
+    if hub and not file:  # as hf_sdft.recover.load_data reads it: the validation split, one config name for both
         return {"dataset_type": hub, "dataset_name": hub, "dataset_config": data.get("dataset_config_name"),
                 "dataset_split": "validation"}
-    return {"dataset_type": "text", "dataset_name": f"hf-sdft default {prefix}eval split"}
+    name = f"{Path(file).name} (local file)" if file else f"hf-sdft default {prefix}eval text"
+    return {"dataset_type": "text", "dataset_name": name, "dataset_split": f"{prefix}eval"}
 
 
 def _eval_results(stats: dict) -> list[EvalResult]:
@@ -137,7 +137,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
     stats = load_stats(output_dir)
     base = stats["base_model"]
     hub_base = _hub_id(base)
-    lora_adapters = "lora" in stats.get("format", "")
+    lora_adapters = "lora" in stats["format"]
     relation = "adapter" if lora_adapters else "quantized" if stats["degradation"]["kind"] == "quanto" else "finetune"
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
     datasets = [stats["data"][k] for k in ("dataset_name", "narrow_dataset_name") if stats["data"].get(k)]
@@ -158,7 +158,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
         cka_rows=[(int(k), cka_before[k], cka_after.get(k)) for k in sorted(cka_before, key=int)],
         eval_name=_eval_source(stats["data"], "")["dataset_name"],
         plots=_linked_plots(output_dir),
-        loading_code=stats.get("loading_code", "").replace("{path}", load_path), load_path=load_path,
+        loading_code=stats["loading_code"].replace("{path}", load_path), load_path=load_path,
     )
 
 

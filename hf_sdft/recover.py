@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,6 +217,12 @@ def save_student(student, tokenizer, degradation, output_dir: str, lora: bool) -
 
 def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     """The whole job; returns the stats dict (also written to ``output_dir/sdft_stats.json``)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but training is not distributed (world size {args.world_size}): "
+            "each would train alone and overwrite the others' output. On CPU pass --use_cpu true"
+        )
     started = time.time()
     set_seed(args.seed)
     default_model = model_args.model_name_or_path is None
