@@ -154,7 +154,8 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
         card_data, template_path=str(template_path()),
         model_name=model_name, stats=stats, hub_base=hub_base,
         base_name=hub_base or _local_name(base),
-        degradation_rows=[(DEGRADATION_LABELS.get(k, k), _show(v)) for k, v in stats["degradation"].items() if k != "kind"],
+        degradation_rows=[(DEGRADATION_LABELS.get(k, k), _show(v)) for k, v in stats["degradation"].items()
+                          if k != "kind"],
         cka_rows=[(int(k), cka_before[k], cka_after.get(k)) for k in sorted(cka_before, key=int)],
         eval_name=_eval_source(stats["data"], "")["dataset_name"],
         plots=_linked_plots(output_dir),
@@ -191,9 +192,9 @@ def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, 
 
 def cmd_card(argv: list[str]) -> Path:
     """``hf-sdft card OUTPUT_DIR [--repo_id ID]``: (re)build the plots and README.md."""
-    p = argparse.ArgumentParser(prog="hf-sdft card", description="(Re)build the model card of a recovery output folder.")
+    p = argparse.ArgumentParser(prog="hf-sdft card", description="(Re)build the model card of a recovery output.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help=f"folder written by hf-sdft recover (holds {STATS_FILE})")
-    p.add_argument("--repo_id", default=None, help="Hub repo id the folder will be pushed to (used in the loading code)")
+    p.add_argument("--repo_id", default=None, help="Hub repo the folder will be pushed to (used in the loading code)")
     a = p.parse_args(argv)
     path = write_card(a.output_dir, a.repo_id)
     print(f"wrote {path}")

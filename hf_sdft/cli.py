@@ -68,23 +68,12 @@ def cmd_degrade(argv: list[str]) -> None:
         print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
 
 
-def load_any(path: str):
-    """A causal LM saved by hf-sdft or transformers (quanto folders are detected)."""
-    from .compress.quantize import QMAP_FILE, load_quantized
-
-    if (Path(path) / QMAP_FILE).exists():
-        return load_quantized(path)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     from .callbacks import measure_cka, tokenize_probe
     from .data import as_batches, default_data_file, load_texts, pack_blocks
-    from .evaluation import perplexity
+    from .evaluation import load_model, perplexity
 
     p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity and per-layer CKA of a student vs its teacher.")
     p.add_argument("--student", required=True, help="folder saved by hf-sdft/transformers (quanto folders detected)")
@@ -98,7 +87,7 @@ def cmd_eval(argv: list[str]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(a.teacher)
     texts = load_texts(data_file=a.eval_file or default_data_file("eval"), text_field=a.dataset_text_field)
     blocks = pack_blocks(tokenizer, texts, a.block_size, a.max_eval_blocks)
-    student, teacher = load_any(a.student), load_any(a.teacher)
+    student, teacher = load_model(a.student), load_model(a.teacher)
     probe = blocks.select(range(min(a.probe_blocks, len(blocks))))
     layers, cka = measure_cka(student, teacher, tokenize_probe(probe, None, len(probe) * a.block_size, 8))
     batches = as_batches(blocks, 16)

@@ -50,6 +50,19 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> 
     return math.exp(nll / count)
 
 
+def load_model(path: str) -> nn.Module:
+    """A causal LM saved by hf-sdft or transformers: folder or Hub id (quanto folders detected)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from .compress.quantize import QMAP_FILE, load_quantized
+
+    if (Path(path) / QMAP_FILE).exists():
+        return load_quantized(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
 def recovery_ratio(ppl_teacher: float, ppl_degraded: float, ppl_recovered: float) -> float | None:
     """R = (ppl_degraded − ppl_recovered) / (ppl_degraded − ppl_teacher); None when nothing was lost."""
     gap = ppl_degraded - ppl_teacher

@@ -96,7 +96,8 @@ def test_loading_code_in_the_card_loads_the_recovered_student(run):
     with torch.no_grad():
         assert torch.equal(scope["model"](input_ids=ids).logits, load_quantized(out)(input_ids=ids).logits)
     blocks = pack_blocks(make_tokenizer(), load_texts(data_file=stats["data"]["eval_file"]), 32, 200)
-    assert perplexity(scope["model"], as_batches(blocks, 16)) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-4)
+    recovered = stats["perplexity"]["recovered"]
+    assert perplexity(scope["model"], as_batches(blocks, 16)) == pytest.approx(recovered, rel=1e-4)
 
 
 def test_repo_id_goes_into_the_loading_code(run, tmp_path, capsys):
@@ -135,7 +136,7 @@ def test_run_without_cka_at_all_has_no_cka_table_nor_plots(run, tmp_path):
     assert not list(folder.glob("*.png"))
 
 
-def test_pruned_lora_forgetting_fields(run, tmp_path):
+def test_pruned_lora_narrow_task_fields(run, tmp_path):
     folder = variant(
         run, tmp_path, tags=["pruned", "2:4", "wanda"], recovery_ratio=0.8125, format="quanto+lora",
         degradation={"kind": "prune", "sparsity": 0.5, "pattern": "2:4", "method": "wanda", "measured_sparsity": 0.5},
@@ -146,7 +147,8 @@ def test_pruned_lora_forgetting_fields(run, tmp_path):
     assert data["tags"][-3:] == ["pruned", "2:4", "wanda"] and data["library_name"] == "peft"
     narrow = data["model-index"][0]["results"][1]["metrics"]
     assert [m["value"] for m in narrow] == [40.0, 3.0, 3.25]
-    assert "R = 0.812" in card.text and "narrow-task perplexity |" in card.text and "| sparsity pattern | 2:4 |" in card.text
+    assert "R = 0.812" in card.text and "narrow-task perplexity |" in card.text
+    assert "| sparsity pattern | 2:4 |" in card.text
 
 
 def test_missing_stats_says_how_to_produce_them(tmp_path):
@@ -165,7 +167,8 @@ def test_upload_plan_skips_checkpoints_and_teacher(run, tmp_path):
     for extra in ("teacher/config.json", "runs/events.out", ".git/HEAD", "quantized_base/quanto_qmap.json"):
         (folder / extra).parent.mkdir(exist_ok=True)
         (folder / extra).write_text("{}")
-    assert set(upload_plan(folder)) == {p for p in plan if not p.endswith(".safetensors")} | {"quantized_base/quanto_qmap.json"}
+    expected = {p for p in plan if not p.endswith(".safetensors")} | {"quantized_base/quanto_qmap.json"}
+    assert set(upload_plan(folder)) == expected
 
 
 def test_push_uploads_the_plan(run, tmp_path, monkeypatch):

@@ -1,0 +1,27 @@
+"""Per-layer linear CKA between a student's and its teacher's hidden states on texts, as an
+``evaluate`` metric (tokens are the rows; each batch is one minibatch of MinibatchCKA)."""
+
+import datasets
+import evaluate
+from transformers import AutoTokenizer
+
+from hf_sdft.callbacks import measure_cka, tokenize_probe
+from hf_sdft.evaluation import load_model
+
+
+class CKA(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation="Kornblith et al. 2019 (CKA); Nguyen et al. 2021 (minibatch CKA)",
+            inputs_description="predictions: list of texts; student_model_id, teacher_model_id: folders or Hub ids",
+            features=datasets.Features({"predictions": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, student_model_id, teacher_model_id, layers="all", debiased=False,
+                 max_tokens=4096, batch_size=8):
+        tokenizer = AutoTokenizer.from_pretrained(teacher_model_id)
+        batches = tokenize_probe(list(predictions), tokenizer, max_tokens, batch_size)
+        layers, values = measure_cka(load_model(student_model_id), load_model(teacher_model_id), batches, layers,
+                                     debiased=debiased)
+        return {"cka_mean": float(values.mean()), "cka_per_layer": {str(i): float(v) for i, v in zip(layers, values)}}
