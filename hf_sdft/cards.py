@@ -181,12 +181,12 @@ def upload_plan(output_dir: str | Path) -> list[str]:
 
 
 def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None):
-    """Write the card for ``repo_id``, create the repo if needed and upload :func:`upload_plan`'s
-    files. Returns the ``CommitInfo``."""
-    write_card(output_dir, repo_id)
+    """Create the Hub repo if needed, write the card for it and upload :func:`upload_plan`'s
+    files. ``repo_id`` may omit the namespace (the token's user). Returns the ``CommitInfo``."""
     api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo.repo_id, folder_path=str(output_dir), ignore_patterns=list(IGNORE_PATTERNS),
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    write_card(output_dir, repo_id)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=list(IGNORE_PATTERNS),
                              commit_message="Upload model recovered with hf-sdft")
 
 

@@ -100,7 +100,13 @@ def cmd_eval(argv: list[str]) -> dict:
     return result
 
 
-COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "eval": cmd_eval}
+def cmd_card(argv: list[str]):
+    from .cards import cmd_card as build
+
+    return build(argv)
+
+
+COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "eval": cmd_eval, "card": cmd_card}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ Run by ``hf-sdft recover`` (see :mod:`hf_sdft.cli`); every figure goes to
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
+from .cards import STATS_FILE, push_recovered, write_card
 from .callbacks import CKACallback, cka_history, measure_cka, tokenize_probe
 from .compress import get_degradation
 from .compress.prune import merge_lora
@@ -27,7 +29,6 @@ from .evaluation import perplexity, recovery_ratio
 from .trainer import SDFTTrainer
 
 DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
-STATS_FILE = "sdft_stats.json"
 
 
 @dataclass
@@ -252,12 +253,14 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
                                  max_tokens=len(data.probe) * rec.block_size)]
         if degradation is not None:
             callbacks += degradation.callbacks(student)
-        trainer = SDFTTrainer(model=student, args=args, teacher_model=teacher, train_dataset=data.train,
-                              processing_class=tokenizer, callbacks=callbacks)
+        # the recovered student (with its card) is pushed once at the end, never the checkpoints
+        trainer = SDFTTrainer(model=student, args=dataclasses.replace(args, push_to_hub=False), teacher_model=teacher,
+                              train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
         resume = args.resume_from_checkpoint
         if resume is None and Path(args.output_dir).is_dir():
             resume = get_last_checkpoint(args.output_dir)
         trainer.train(resume_from_checkpoint=resume)
+        trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
         if model_args.use_peft and not (degradation is not None and degradation.kind == "quanto"):
             masks = getattr(degradation, "masks", None)
             student = merge_lora(student, masks) if masks else student.merge_and_unload()
@@ -269,6 +272,11 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
                                  lora=bool(model_args.use_peft) and degradation is not None and degradation.kind == "quanto")
         stats["format"], stats["loading_code"] = fmt, code
         Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=2))
+        if args.push_to_hub:
+            push_recovered(args.output_dir, args.hub_model_id or Path(args.output_dir).name,
+                           private=bool(args.hub_private_repo), token=args.hub_token)
+        else:
+            write_card(args.output_dir)
     return stats
 
 

@@ -8,6 +8,7 @@ geometry) is distilled into the student.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -148,6 +149,20 @@ class SDFTMixin:
             logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in window.items() if v})
             window.clear()
         super().log(logs, start_time)
+
+
+    def create_model_card(self, *args, **kwargs):
+        """The hf-sdft card when the output folder holds recovery stats; otherwise the
+        parent's card with the ``hf-sdft`` tags added (TRL trainers add ``_tag_names`` themselves)."""
+        from .cards import STATS_FILE, write_card
+
+        if (Path(self.args.output_dir) / STATS_FILE).exists():
+            write_card(self.args.output_dir, self.args.hub_model_id)
+            return
+        if not isinstance(self, SFTTrainer):
+            tags = kwargs.get("tags") or []
+            kwargs["tags"] = sorted({*([tags] if isinstance(tags, str) else tags), *self._tag_names})
+        super().create_model_card(*args, **kwargs)
 
 
 class SDFTTrainer(SDFTMixin, Trainer):

@@ -180,14 +180,14 @@ def test_push_uploads_the_plan(run, tmp_path, monkeypatch):
 
         def create_repo(self, repo_id, private, exist_ok):
             calls["create"] = (repo_id, private, exist_ok)
-            return type("RepoUrl", (), {"repo_id": repo_id})()
+            return type("RepoUrl", (), {"repo_id": f"me/{repo_id}"})()
 
         def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message):
             calls["upload"] = (repo_id, folder_path, ignore_patterns)
 
     monkeypatch.setattr(cards, "HfApi", FakeApi)
     folder = variant(run, tmp_path)
-    push_recovered(folder, "me/tiny", private=True, token="t")
-    assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t"
+    push_recovered(folder, "tiny", private=True, token="t")  # namespace from the token's user
+    assert calls["create"] == ("tiny", True, True) and calls["token"] == "t"
     assert calls["upload"] == ("me/tiny", str(folder), cards.IGNORE_PATTERNS)
     assert 'load_quantized("me/tiny")' in (folder / "README.md").read_text()
