@@ -9,7 +9,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .cka import MinibatchCKA
-from .distributed import rank_and_world
+from .distributed import shard
 from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
 
 CKA_PREFIX = "cka/"
@@ -46,13 +46,13 @@ def tokenize_probe(probe, tokenizer, max_tokens: int, batch_size: int) -> list[d
             if "attention_mask" in example:
                 ids = [t for t, m in zip(ids, example["attention_mask"]) if m]
         ids = ids[:budget]
-        if len(ids) >= 2:
+        if len(ids) >= 4:  # a minibatch of fewer tokens cannot be measured (debiased HSIC needs 4)
             rows.append(ids)
             budget -= len(ids)
         if budget <= 0:
             break
     if not rows:
-        raise ValueError("the CKA probe set has no example with at least 2 tokens")
+        raise ValueError("the CKA probe set has no example with at least 4 tokens")
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -86,22 +86,20 @@ def measure_cka(
     student = unwrap(student)
     teacher_module = unwrap(teacher) if teacher is not None else student
     layers = resolve_layers(layers, student, teacher_module, what="layers")
-    rank, world = rank_and_world()
-    device = next(student.parameters()).device
+    devices = next(student.parameters()).device, next(teacher_module.parameters()).device
     modes = student.training, teacher_module.training
     student.eval(), teacher_module.eval()
-    acc = MinibatchCKA(len(layers), len(layers), debiased=debiased)
+    acc = MinibatchCKA(len(layers), len(layers), debiased=debiased, cross_layers=full)
     try:
-        for b, batch in enumerate(batches):
-            if b % world != rank:
-                continue
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch, counted in shard(batches):
             rows = batch["attention_mask"].bool()
             with capture_layers(student, layers) as hs:
-                student(**batch, use_cache=False)
+                student(**{k: v.to(devices[0]) for k, v in batch.items()}, use_cache=False)
             with teacher_context(student, teacher) as t, capture_layers(t, layers) as ht:
-                t(**batch, use_cache=False)
-            acc.update([hs[i][rows] for i in layers], [ht[i][rows] for i in layers])
+                t(**{k: v.to(devices[1]) for k, v in batch.items()}, use_cache=False)
+            if counted:
+                acc.update([hs[i][rows.to(devices[0])] for i in layers],
+                           [ht[i][rows.to(devices[1])].to(devices[0]) for i in layers])
     finally:
         student.train(modes[0])
         teacher_module.train(modes[1])

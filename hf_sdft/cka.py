@@ -132,10 +132,15 @@ class MinibatchCKA:
 
     Args:
         num_x, num_y: how many layers each side has (rows / columns of :meth:`matrix`).
+        cross_layers: accumulate every (x-layer, y-layer) pair for :meth:`matrix`; when False
+            only layer i ↔ layer i, for :meth:`compute` (num_x == num_y).
     """
 
-    def __init__(self, num_x: int, num_y: int, *, debiased: bool = True):
+    def __init__(self, num_x: int, num_y: int, *, debiased: bool = True, cross_layers: bool = True):
+        if not cross_layers and num_x != num_y:
+            raise ValueError("per-layer CKA (cross_layers=False) needs as many layers on both sides")
         self.debiased = debiased
+        self.cross_layers = cross_layers
         self.hsic_xy = torch.zeros(num_x, num_y, dtype=torch.float64)
         self.hsic_xx = torch.zeros(num_x, dtype=torch.float64)
         self.hsic_yy = torch.zeros(num_y, dtype=torch.float64)
@@ -166,7 +171,10 @@ class MinibatchCKA:
             def hsic(a, b):
                 return a.flatten(1) @ b.flatten(1).T / (n - 1) ** 2
 
-        self.hsic_xy += hsic(kx, ky)
+        if self.cross_layers:
+            self.hsic_xy += hsic(kx, ky)
+        else:
+            self.hsic_xy += torch.diag(torch.stack([hsic(a[None], b[None])[0, 0] for a, b in zip(kx, ky)]))
         self.hsic_xx += torch.stack([hsic(k[None], k[None])[0, 0] for k in kx])
         self.hsic_yy += torch.stack([hsic(k[None], k[None])[0, 0] for k in ky])
         self.scale_x += torch.stack([(f.double() ** 2).sum().cpu() / n for f in xs]) ** 2
@@ -184,6 +192,11 @@ class MinibatchCKA:
         """CKA for every (x-layer, y-layer) pair, ``(num_x, num_y)``."""
         if self.num_examples == 0:
             raise ValueError("MinibatchCKA has seen no minibatch: the probe set is empty")
+        if not self.cross_layers:
+            raise ValueError("this MinibatchCKA was built with cross_layers=False: use compute()")
+        return self._ratio()
+
+    def _ratio(self) -> torch.Tensor:
         return _safe_ratio(
             self.hsic_xy, self.hsic_xx[:, None], self.hsic_yy[None, :], self.scale_x[:, None], self.scale_y[None, :]
         )
@@ -192,4 +205,6 @@ class MinibatchCKA:
         """Per-layer CKA between x-layer i and y-layer i, ``(num_layers,)``."""
         if self.hsic_xy.shape[0] != self.hsic_xy.shape[1]:
             raise ValueError("per-layer CKA needs as many layers on both sides; use matrix()")
-        return torch.diagonal(self.matrix())
+        if self.num_examples == 0:
+            raise ValueError("MinibatchCKA has seen no minibatch: the probe set is empty")
+        return torch.diagonal(self._ratio())

@@ -44,26 +44,14 @@ def cmd_recover(argv: list[str]) -> dict:
 
 
 def cmd_degrade(argv: list[str]) -> None:
-    import copy
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import as_batches, default_model_path
-    from .recover import load_data, sft_on_narrow
+    from .recover import degrade_student, load_teacher_and_data
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
-    path = model_args.model_name_or_path or default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    teacher = AutoModelForCausalLM.from_pretrained(path)
-    data = load_data(rec, tokenizer, model_args.model_name_or_path is None)
-    student = copy.deepcopy(teacher)
+    _, tokenizer, teacher, data = load_teacher_and_data(rec, model_args)
     degradation = rec.build_degradation()
-    if rec.degradation == "forgetting":
-        sft_on_narrow(student, tokenizer, data, args, rec)
-    elif degradation is not None:
-        degradation.apply(student, calibration=as_batches(data.train.select(range(rec.calibration_blocks)), 4))
+    student = degrade_student(teacher, tokenizer, data, rec, args, degradation)
     if args.should_save:
-        (degradation.save if degradation is not None else lambda m, d: m.save_pretrained(d))(student, args.output_dir)
+        (degradation.save if degradation is not None else type(student).save_pretrained)(student, args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
 

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shard(items: Sequence[T]) -> list[tuple[T, bool]]:
+    """This process's share of ``items``: every world-size-th one, padded with ``(items[0], False)``
+    so that every process runs as many forwards (sharded models need all processes in each).
+    Results of padding entries (flag False) must be discarded."""
+    rank, world = rank_and_world()
+    mine = [(items[i], True) for i in range(rank, len(items), world)]
+    return mine + [(items[0], False)] * (-(-len(items) // world) - len(mine))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, rank_and_world
+from .distributed import all_reduce_sum, shard
 from .teacher import unwrap
 
 
@@ -17,25 +17,23 @@ from .teacher import unwrap
 def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """Summed next-token NLL (nats, float64) and scored-token count over ``batches``.
 
-    Under torch.distributed each process takes every world-size-th batch and the sums are
-    all-reduced, so every process returns the single-process totals.
+    Under torch.distributed the batches are split over processes (:func:`~hf_sdft.distributed.shard`)
+    and the sums all-reduced, so every process returns the single-process totals.
     """
     model = unwrap(model)
-    rank, world = rank_and_world()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     try:
-        for b, batch in enumerate(batches):
-            if b % world != rank:
-                continue
+        for batch, counted in shard(batches):
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            totals[0] += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum").double().cpu()
-            totals[1] += (target != -100).sum().cpu()
+            if counted:
+                totals[0] += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum").double().cpu()
+                totals[1] += (target != -100).sum().cpu()
     finally:
         model.train(was_training)
     all_reduce_sum(totals)
@@ -51,15 +49,22 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> 
 
 
 def load_model(path: str) -> nn.Module:
-    """A causal LM saved by hf-sdft or transformers: folder or Hub id (quanto folders detected)."""
+    """A causal LM saved by hf-sdft or transformers: folder or Hub id (quanto and
+    quanto+LoRA folders are detected)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     from .compress.quantize import QMAP_FILE, load_quantized
+    from .recover import QUANTIZED_BASE
 
-    if (Path(path) / QMAP_FILE).exists():
-        return load_quantized(path)
+    folder = Path(path)
+    if (folder / "adapter_config.json").exists() and (folder / QUANTIZED_BASE / QMAP_FILE).exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_quantized(folder, subfolder=QUANTIZED_BASE), str(folder))
+    if (folder / QMAP_FILE).exists():
+        return load_quantized(folder)
     return AutoModelForCausalLM.from_pretrained(path)
 
 

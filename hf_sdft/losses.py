@@ -36,8 +36,10 @@ def token_divergence(
     p = softmax(logits / temperature). Not yet multiplied by temperature².
     """
     check_loss_type(loss_type)
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    # clamped: a -inf logit (a banned token) has probability 0 and must add 0, not NaN
+    floor = torch.finfo(torch.float32).min
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=floor)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp(min=floor)
     if loss_type == "jsd" and beta <= 0.0:
         loss_type = "forward_kl"
     elif loss_type == "jsd" and beta >= 1.0:

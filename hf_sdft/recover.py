@@ -145,6 +145,26 @@ def load_data(rec: RecoveryArguments, tokenizer, default_model: bool) -> Recover
     return data
 
 
+def degrade_student(teacher, tokenizer, data: RecoveryData, rec: RecoveryArguments, args, degradation):
+    """A trainable copy of ``teacher`` degraded as ``rec`` says (quantized, pruned, or SFT'd)."""
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    if rec.degradation == "forgetting":
+        sft_on_narrow(student, tokenizer, data, args, rec)
+    elif degradation is not None:
+        calibration = data.train.select(range(min(rec.calibration_blocks, len(data.train))))
+        degradation.apply(student, calibration=as_batches(calibration, 4))
+    return student
+
+
+def load_teacher_and_data(rec: RecoveryArguments, model_args):
+    """(model path, tokenizer, float32 teacher, data) for a recipe; unset paths mean the embedded default."""
+    default_model = model_args.model_name_or_path is None
+    model_path = default_model_path() if default_model else model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    teacher = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model_path, tokenizer, teacher, load_data(rec, tokenizer, default_model)
+
+
 def measure(model, teacher, data: RecoveryData) -> dict:
     """Perplexity on the eval text (and the narrow task), and per-layer CKA to the teacher."""
     layers, cka = measure_cka(model, teacher, data.probe_batches)
@@ -226,20 +246,11 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
         )
     started = time.time()
     set_seed(args.seed)
-    default_model = model_args.model_name_or_path is None
-    model_path = default_model_path() if default_model else model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    teacher = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    data = load_data(rec, tokenizer, default_model)
+    model_path, tokenizer, teacher, data = load_teacher_and_data(rec, model_args)
     degradation = rec.build_degradation()
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    teacher.requires_grad_(False).eval()
-
     before_teacher = measure(teacher, teacher, data)
-    if rec.degradation == "forgetting":
-        sft_on_narrow(student, tokenizer, data, args, rec)
-    elif degradation is not None:
-        degradation.apply(student, calibration=as_batches(data.train.select(range(rec.calibration_blocks)), 4))
+    student = degrade_student(teacher, tokenizer, data, rec, args, degradation)
+    teacher.requires_grad_(False).eval()
     before = measure(student, teacher, data)
 
     if rec.degradation == "forgetting" and rec.forgetting_mode == "prevent":

@@ -97,8 +97,10 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
             "teacher_model is the student object itself: pass a separate copy of the original model "
             "(e.g. copy.deepcopy(model) before degrading it, or load it again with from_pretrained)"
         )
-    student_ptrs = {p.data_ptr() for p in student.parameters()}
-    if any(p.data_ptr() in student_ptrs for p in teacher.parameters()):
+    def storages(model):  # frozen quanto weights and ZeRO-3 placeholders report data_ptr() 0
+        return {("ptr", p.data_ptr()) if p.numel() and p.data_ptr() else ("id", id(p)) for p in model.parameters()}
+
+    if storages(student) & storages(teacher):
         raise ValueError(
             "teacher_model shares weight tensors with the student, so training the student would change the teacher: "
             "load or deepcopy the teacher separately"
@@ -109,6 +111,12 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
             f"student and teacher vocabularies differ: student has {vs} output logits, teacher {vt}. "
             "SDFT needs the same tokenizer on both sides; resize_token_embeddings() one of them or pick a matching teacher"
         )
+
+
+def is_peft(model: nn.Module) -> bool:
+    """A PEFT model whose adapters can be disabled (its base is then the teacher)."""
+    inner = unwrap(model)
+    return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
 
 
 def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn.Module:
@@ -134,7 +142,12 @@ def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[n
             yield teacher
             return
         peft_model = unwrap(student)
-        if not hasattr(peft_model, "disable_adapter"):
+        if not is_peft(peft_model):
             raise ValueError("teacher_model=None needs a PEFT student (its base model is the teacher)")
-        with peft_model.disable_adapter():
-            yield peft_model
+        was_training = peft_model.training
+        peft_model.eval()  # no dropout in the teacher's targets
+        try:
+            with peft_model.disable_adapter():
+                yield peft_model
+        finally:
+            peft_model.train(was_training)

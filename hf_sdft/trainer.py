@@ -23,13 +23,9 @@ from .teacher import (
     freeze,
     load_teacher,
     resolve_layers,
+    is_peft,
     teacher_context,
-    unwrap,
 )
-
-
-def _is_peft(model) -> bool:
-    return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
 
 
 class SDFTMixin:
@@ -51,7 +47,7 @@ class SDFTMixin:
         if teacher_model is not None and isinstance(model, nn.Module):
             check_teacher(model, teacher_model)  # fail before any dataset preparation
         super().__init__(model, args, *pos, **kwargs)
-        if teacher_model is None and not _is_peft(self.model):
+        if teacher_model is None and not is_peft(self.model):
             raise ValueError(
                 "no teacher: pass teacher_model= (the original model or its path), set "
                 "teacher_model_name_or_path, or train a PEFT student whose base model is the teacher"
@@ -68,9 +64,21 @@ class SDFTMixin:
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
         )
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        # compute_loss normalises CE and KD by the token count of the whole accumulated batch
+        if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
+            raise ValueError(
+                "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
+                f"(got {getattr(self.args, 'loss_type', 'nll')!r}, {self.args.label_smoothing_factor})"
+            )
+        if self.cka_loss_layers and self.args.n_gpu > 1:
+            raise ValueError(
+                "cka_weight > 0 under torch.nn.DataParallel (one process, several GPUs) is not supported: "
+                "launch one process per GPU with accelerate launch / torchrun"
+            )
+        # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
+        # counted over labels[..., 1:] (the causal shift compute_loss applies)
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self._loss_shifts_labels = True
         self._sdft_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         from .callbacks import CKACallback
 
@@ -99,7 +107,7 @@ class SDFTMixin:
         args = self.args
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         model_inputs["use_cache"] = False
         layers = self.cka_loss_layers
         with capture_layers(model, layers) as student_hidden:
@@ -116,7 +124,8 @@ class SDFTMixin:
             )
         student_logits = outputs.logits[..., :-1, :]
         denom = num_items_in_batch if num_items_in_batch is not None else n_local
-        ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and args.kd_ratio < 1.0):  # else logged only
+            ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
         kd_sum = distillation_loss(
             student_logits, teacher_logits[..., :-1, :], mask, loss_type=args.kd_loss, beta=args.kd_beta,
             temperature=args.kd_temperature, num_items_in_batch=1, chunk_size=args.kd_chunk_size,

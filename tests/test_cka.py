@@ -155,6 +155,18 @@ def test_minibatch_accumulates_unbiased_hsic_like_the_reference():
     assert same.compute().item() == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_per_layer_accumulator_equals_the_matrix_diagonal(debiased):
+    xs = [torch.tensor(data(20, 4, 4, seed=s)[0]) for s in range(3)]
+    ys = [torch.tensor(data(20, 4, 3, seed=s)[1]) for s in range(3)]
+    full, diag = MinibatchCKA(3, 3, debiased=debiased), MinibatchCKA(3, 3, debiased=debiased, cross_layers=False)
+    for _ in range(2):
+        full.update(xs, ys), diag.update(xs, ys)
+    torch.testing.assert_close(diag.compute(), torch.diagonal(full.matrix()))
+    with pytest.raises(ValueError, match="cross_layers=False: use compute"):
+        diag.matrix()
+
+
 def test_cka_from_grams_matches_reference():
     x, y = data(15, 4, 4, seed=9)
     got = cka_from_grams(torch.tensor(x @ x.T), torch.tensor(y @ y.T)).item()

@@ -137,6 +137,24 @@ def test_fully_masked_batch_is_zero_with_gradient(logits):
     assert ce.item() == 0.0 and ce.requires_grad
 
 
+def test_banned_tokens_with_minus_inf_logits_give_no_nan(logits):
+    s, t = logits
+    s, t = s.clone().requires_grad_(), t.clone()
+    t[..., 0] = float("-inf")  # the teacher bans token 0; the student does not
+    for kind in ("forward_kl", "jsd"):  # finite: the teacher's zero mass adds nothing
+        loss = distillation_loss(s, t, loss_type=kind)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+        s.grad = None
+    assert not torch.isnan(distillation_loss(s, t, loss_type="reverse_kl"))  # KL(p_S||p_T) really is +inf here
+    s2 = s.detach().clone()
+    s2[..., 0] = float("-inf")
+    for kind in ("forward_kl", "reverse_kl", "jsd"):  # both ban it: equal to the reference without that token
+        got = distillation_loss(s2, t, loss_type=kind).item()
+        want = np_divergence(s2.numpy()[..., 1:], t.numpy()[..., 1:], kind).mean()
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_identical_distributions_give_zero(logits):
     s, _ = logits
     for kind in ("forward_kl", "reverse_kl", "jsd"):

@@ -88,6 +88,28 @@ def test_lora_on_frozen_quantized_base():
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora" not in n)
 
 
+def test_quantized_teacher_is_not_mistaken_for_shared_weights():
+    from hf_sdft.teacher import check_teacher
+
+    teacher = freeze_base(quantize_student(make_model(), weights="int4"))  # frozen weights: data_ptr() == 0
+    student = freeze_base(quantize_student(make_model(), weights="int4"))
+    check_teacher(student, teacher)  # no false "shares weight tensors"
+    with pytest.raises(ValueError, match="shares weight tensors"):
+        student.model.norm.weight = teacher.model.norm.weight
+        check_teacher(student, teacher)
+
+
+def test_reload_into_another_architecture_fails_loudly(tmp_path):
+    import json
+
+    save_quantized(quantize_student(make_model(), weights="int4"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match LlamaForCausalLM built from its config: missing"):
+        load_quantized(tmp_path)
+
+
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported weight bit width 'int3': quanto supports int8, int4, int2"):
         quantize_student(make_model(), weights="int3")

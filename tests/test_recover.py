@@ -94,12 +94,15 @@ def test_quanto_lora_student_keeps_adapters_on_a_quantized_base(tiny, tmp_path):
     assert stats["format"] == "quanto+lora"
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "quantized_base" / "quanto_qmap.json").exists()
     model = load_by_card_code(stats, tmp_path)
-    from hf_sdft.evaluation import perplexity
+    from hf_sdft.evaluation import load_model, perplexity
     from hf_sdft.recover import load_data
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
     data = load_data(rec, make_tokenizer(), default_model=False)
     assert perplexity(model, data.eval_batches) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-5)
+    # hf-sdft eval and the metric modules load the same quantized base + adapters
+    assert perplexity(load_model(str(tmp_path)), data.eval_batches) == pytest.approx(
+        stats["perplexity"]["recovered"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["recover", "prevent"])

@@ -126,7 +126,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfold
         quantize(model, weights=weights, activations=activations, include=[name])
         if name in groups:
             model.get_submodule(name).weight_group_size = groups[name]
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    result = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match {type(model).__name__} built from its config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return model.to(device).eval()
 
 
