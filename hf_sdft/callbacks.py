@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .cka import MinibatchCKA
-from .distributed import shard
+from .distributed import progress_disabled, shard
 from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
 
 CKA_PREFIX = "cka/"
@@ -27,6 +28,11 @@ def cka_history(log_history: Sequence[dict]) -> list[dict]:
         layers = {int(k[len(CKA_PREFIX + "layer_"):]): v for k, v in entry.items() if k.startswith(CKA_PREFIX + "layer_")}
         out.append({"step": int(entry.get("step", 0)), "mean": entry[f"{CKA_PREFIX}mean"], "layers": dict(sorted(layers.items()))})
     return sorted(out, key=lambda e: e["step"])
+
+
+def per_layer(layers: Sequence[int], values: torch.Tensor) -> dict[str, float]:
+    """``{"<layer index>": value}``: the JSON-friendly form of per-layer CKA."""
+    return {str(i): float(v) for i, v in zip(layers, values, strict=True)}
 
 
 def tokenize_probe(probe, tokenizer, max_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -91,7 +97,7 @@ def measure_cka(
     student.eval(), teacher_module.eval()
     acc = MinibatchCKA(len(layers), len(layers), debiased=debiased, cross_layers=full)
     try:
-        for batch, counted in shard(batches):
+        for batch, counted in tqdm(shard(batches), desc="CKA", leave=False, disable=progress_disabled()):
             rows = batch["attention_mask"].bool()
             with capture_layers(student, layers) as hs:
                 student(**{k: v.to(devices[0]) for k, v in batch.items()}, use_cache=False)
@@ -174,7 +180,7 @@ class CKACallback(TrainerCallback):
         if self._batches is None:
             self._batches = tokenize_probe(self.probe_dataset, self.tokenizer or tokenizer, self.max_tokens, self.batch_size)
         layers, values = measure_cka(model, teacher, self._batches, self.layers, debiased=self.debiased)
-        logs = {f"{CKA_PREFIX}layer_{i}": float(v) for i, v in zip(layers, values)}
+        logs = {f"{CKA_PREFIX}layer_{i}": v for i, v in per_layer(layers, values).items()}
         logs[f"{CKA_PREFIX}mean"] = float(values.mean())
         return logs
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 USAGE = """usage: hf-sdft {recover,degrade,eval,card} ...
 
@@ -59,7 +58,7 @@ def cmd_degrade(argv: list[str]) -> None:
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
-    from .callbacks import measure_cka, tokenize_probe
+    from .callbacks import measure_cka, per_layer, tokenize_probe
     from .data import as_batches, default_data_file, load_texts, pack_blocks
     from .evaluation import load_model, perplexity
 
@@ -81,7 +80,7 @@ def cmd_eval(argv: list[str]) -> dict:
     batches = as_batches(blocks, 16)
     result = {
         "perplexity": {"student": perplexity(student, batches), "teacher": perplexity(teacher, batches)},
-        "cka": {str(i): float(v) for i, v in zip(layers, cka)},
+        "cka": per_layer(layers, cka),
         "cka_mean": float(cka.mean()),
     }
     print(json.dumps(result, indent=2))

@@ -17,6 +17,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def progress_disabled() -> bool | None:
+    """tqdm's ``disable``: off on non-main processes, automatic (TTY only) on the main one."""
+    return True if rank_and_world()[0] != 0 else None
+
+
 def shard(items: Sequence[T]) -> list[tuple[T, bool]]:
     """This process's share of ``items``: every world-size-th one, padded with ``(items[0], False)``
     so that every process runs as many forwards (sharded models need all processes in each).

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, shard
+from .distributed import all_reduce_sum, progress_disabled, shard
 from .teacher import unwrap
 
 
@@ -26,7 +27,7 @@ def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     try:
-        for batch, counted in shard(batches):
+        for batch, counted in tqdm(shard(batches), desc="perplexity", leave=False, disable=progress_disabled()):
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()

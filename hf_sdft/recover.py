@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from .cards import STATS_FILE, push_recovered, write_card
-from .callbacks import CKACallback, cka_history, measure_cka, tokenize_probe
+from .callbacks import CKACallback, cka_history, measure_cka, per_layer, tokenize_probe
 from .compress import get_degradation
 from .compress.prune import merge_lora
 from .compress.quantize import freeze_base, save_quantized
@@ -168,7 +168,7 @@ def load_teacher_and_data(rec: RecoveryArguments, model_args):
 def measure(model, teacher, data: RecoveryData) -> dict:
     """Perplexity on the eval text (and the narrow task), and per-layer CKA to the teacher."""
     layers, cka = measure_cka(model, teacher, data.probe_batches)
-    out = {"ppl": perplexity(model, data.eval_batches), "cka": {str(i): float(v) for i, v in zip(layers, cka)},
+    out = {"ppl": perplexity(model, data.eval_batches), "cka": per_layer(layers, cka),
            "cka_mean": float(cka.mean())}
     if data.narrow_eval_batches is not None:
         out["narrow_ppl"] = perplexity(model, data.narrow_eval_batches)

@@ -50,6 +50,15 @@ def perturb(model, scale: float = 0.5, seed: int = 1):
     return model
 
 
+def write_tiny_inputs(root, n_train: int = 300, n_eval: int = 80):
+    """A tiny model + tokenizer folder (``root/model``) and ``train.txt`` / ``eval.txt`` texts."""
+    make_model().save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    for name, n, seed in [("train", n_train, 1), ("eval", n_eval, 2)]:
+        (root / f"{name}.txt").write_text("\n".join(make_texts(n, seed=seed)))
+    return root
+
+
 def cpu_args(**kw) -> dict:
     """Arguments every CPU test run needs (TRL defaults bf16 and gradient checkpointing on)."""
     base = dict(

@@ -18,7 +18,7 @@ from hf_sdft.evaluation import perplexity
 from hf_sdft.plots import PIXELS
 from hf_sdft.recover import RecoveryArguments, RecoveryConfig, run_recovery
 
-from .helpers import make_model, make_texts, make_tokenizer
+from .helpers import make_texts, make_tokenizer, write_tiny_inputs
 
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 
@@ -26,11 +26,7 @@ IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real recovery (int4, 6 steps) with its card written: (output folder, stats)."""
-    root = tmp_path_factory.mktemp("card")
-    make_model().save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in [("train", 200, 1), ("eval", 60, 2)]:
-        (root / f"{name}.txt").write_text("\n".join(make_texts(n, seed=seed)))
+    root = write_tiny_inputs(tmp_path_factory.mktemp("card"), 200, 60)
     rec = RecoveryArguments(train_file=str(root / "train.txt"), eval_file=str(root / "eval.txt"), block_size=32,
                             cka_every_n_steps=2, probe_blocks=8, calibration_blocks=4)
     args = RecoveryConfig(output_dir=str(root / "out"), max_steps=6, per_device_train_batch_size=4, logging_steps=1,

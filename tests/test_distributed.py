@@ -15,7 +15,7 @@ import torch
 from hf_sdft.callbacks import measure_cka, tokenize_probe
 from hf_sdft.evaluation import perplexity
 
-from .helpers import make_model, make_texts, make_tokenizer, perturb
+from .helpers import make_model, make_texts, make_tokenizer, perturb, write_tiny_inputs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +57,7 @@ def test_two_processes_without_use_cpu_fail_early(tmp_path):
 
 
 def test_recipe_end_to_end_on_two_ranks(tmp_path):
-    make_model().save_pretrained(tmp_path / "model")
-    make_tokenizer().save_pretrained(tmp_path / "model")
-    (tmp_path / "train.txt").write_text("\n".join(make_texts(300, seed=1)))
-    (tmp_path / "eval.txt").write_text("\n".join(make_texts(80, seed=2)))
+    write_tiny_inputs(tmp_path)
     out = tmp_path / "out"
     proc = launch("-m", "hf_sdft.cli", "recover", "--config", "recipes/prune-50.yaml",
                   "--model_name_or_path", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.txt"),

@@ -13,18 +13,14 @@ from hf_sdft.compress.prune import masks_from_zeros, sparsity_report
 from hf_sdft.compress.quantize import load_quantized
 from hf_sdft.recover import STATS_FILE, RecoveryArguments, run_recovery
 
-from .helpers import make_model, make_texts, make_tokenizer
+from .helpers import make_texts, make_tokenizer, write_tiny_inputs
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_model().save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    for name, n, seed in [("train", 300, 1), ("eval", 80, 2)]:
-        (root / f"{name}.txt").write_text("\n".join(make_texts(n, seed=seed)))
+    root = write_tiny_inputs(tmp_path_factory.mktemp("tiny"))
     (root / "narrow_train.txt").write_text("\n".join(["abc abc abd abc."] * 200))
     (root / "narrow_eval.txt").write_text("\n".join(["abc abd abc abc."] * 40))
     return root

@@ -5,7 +5,7 @@ import datasets
 import evaluate
 from transformers import AutoTokenizer
 
-from hf_sdft.callbacks import measure_cka, tokenize_probe
+from hf_sdft.callbacks import measure_cka, per_layer, tokenize_probe
 from hf_sdft.evaluation import load_model
 
 
@@ -24,4 +24,4 @@ class CKA(evaluate.Metric):
         batches = tokenize_probe(list(predictions), tokenizer, max_tokens, batch_size)
         layers, values = measure_cka(load_model(student_model_id), load_model(teacher_model_id), batches, layers,
                                      debiased=debiased)
-        return {"cka_mean": float(values.mean()), "cka_per_layer": {str(i): float(v) for i, v in zip(layers, values)}}
+        return {"cka_mean": float(values.mean()), "cka_per_layer": per_layer(layers, values)}
