@@ -198,14 +198,14 @@ def sft_on_narrow(student, tokenizer, data: RecoveryData, args: SDFTConfig, rec:
 QUANTIZED_BASE = "quantized_base"
 
 
-def add_lora(student, model_args, degradation, output_dir: str, should_save: bool):
+def add_lora(student, model_args, quanto: bool, output_dir: str, should_save: bool):
     """Wrap the student with LoRA adapters (TRL ``ModelConfig`` fields). A quantized base
     is frozen to integer weights first (the memory-light path) and, since it never changes
     afterwards, saved right away to ``output_dir/quantized_base``."""
     from peft import get_peft_model
     from trl import get_peft_config
 
-    if degradation is not None and degradation.kind == "quanto":
+    if quanto:
         freeze_base(student)
         if should_save:
             save_quantized(student, Path(output_dir) / QUANTIZED_BASE)
@@ -214,7 +214,7 @@ def add_lora(student, model_args, degradation, output_dir: str, should_save: boo
 
 def save_student(student, tokenizer, degradation, output_dir: str, lora: bool) -> tuple[str, str]:
     """Save the recovered student; returns (format, Python that loads it from ``{path}``)."""
-    quanto = degradation is not None and degradation.kind == "quanto"
+    quanto = getattr(degradation, "kind", None) == "quanto"
     if quanto and lora:  # the quantized base was saved by add_lora
         student.save_pretrained(output_dir)
         fmt = "quanto+lora"
@@ -248,6 +248,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     set_seed(args.seed)
     model_path, tokenizer, teacher, data = load_teacher_and_data(rec, model_args)
     degradation = rec.build_degradation()
+    quanto = getattr(degradation, "kind", None) == "quanto"
     before_teacher = measure(teacher, teacher, data)
     student = degrade_student(teacher, tokenizer, data, rec, args, degradation)
     teacher.requires_grad_(False).eval()
@@ -259,7 +260,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
         trainer = None
     else:
         if model_args.use_peft:
-            student = add_lora(student, model_args, degradation, args.output_dir, args.should_save)
+            student = add_lora(student, model_args, quanto, args.output_dir, args.should_save)
         callbacks = [CKACallback(data.probe, every_n_steps=rec.cka_every_n_steps,
                                  max_tokens=len(data.probe) * rec.block_size)]
         if degradation is not None:
@@ -272,7 +273,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
             resume = get_last_checkpoint(args.output_dir)
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
-        if model_args.use_peft and not (degradation is not None and degradation.kind == "quanto"):
+        if model_args.use_peft and not quanto:  # adapters on an integer base stay adapters
             masks = getattr(degradation, "masks", None)
             student = merge_lora(student, masks) if masks else student.merge_and_unload()
     after = measure(student, teacher, data)
@@ -280,7 +281,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
                         time.time() - started)
     if args.should_save:
         fmt, code = save_student(student, tokenizer, degradation, args.output_dir,
-                                 lora=bool(model_args.use_peft) and degradation is not None and degradation.kind == "quanto")
+                                 lora=bool(model_args.use_peft) and quanto)
         stats["format"], stats["loading_code"] = fmt, code
         Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=2))
         if args.push_to_hub:

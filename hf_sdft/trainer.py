@@ -159,7 +159,6 @@ class SDFTMixin:
             window.clear()
         super().log(logs, start_time)
 
-
     def create_model_card(self, *args, **kwargs):
         """The hf-sdft card when the output folder holds recovery stats; otherwise the
         parent's card with the ``hf-sdft`` tags added (TRL trainers add ``_tag_names`` themselves)."""
