@@ -63,9 +63,10 @@ def test_group_size_changes_the_degradation(tmp_path):
         torch.testing.assert_close(load_quantized(tmp_path)(**b).logits, s(**b).logits, rtol=0, atol=0)
 
 
-def test_int8_activations_with_calibration(tmp_path):
+@pytest.mark.parametrize("activations", ["int8", "fp8"])
+def test_quantized_activations_with_calibration(tmp_path, activations):
     b = batch()
-    s = quantize_student(make_model(), weights="int8", activations="int8", calibration=[b])
+    s = quantize_student(make_model(), weights="int8", activations=activations, calibration=[b])
     scales = [m.output_scale.item() for m in s.modules() if isinstance(m, QModuleMixin)]
     assert all(x != 1.0 for x in scales)  # calibrated
     with torch.no_grad():

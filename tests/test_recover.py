@@ -144,6 +144,34 @@ def test_recipe_names_all_required_kinds():
     assert {r.stem for r in RECIPES} >= {"quanto-int4", "quanto-int2", "prune-50", "prune-2of4", "forgetting"}
 
 
+def test_degrade_then_eval_commands(tiny, tmp_path, capsys):
+    from hf_sdft.cli import main
+
+    data = ["--model_name_or_path", str(tiny / "model"), "--train_file", str(tiny / "train.txt"),
+            "--eval_file", str(tiny / "eval.txt"), "--block_size", "32"]
+    main(["degrade", *data, "--degradation", "prune", "--prune_pattern", "2:4", "--output_dir", str(tmp_path / "deg")])
+    assert sparsity_report(AutoModelForCausalLM.from_pretrained(tmp_path / "deg"))["total"] == pytest.approx(0.5)
+    capsys.readouterr()
+    main(["eval", "--student", str(tmp_path / "deg"), "--teacher", str(tiny / "model"),
+          "--eval_file", str(tiny / "eval.txt"), "--block_size", "32", "--probe_blocks", "8"])
+    result = json.loads(capsys.readouterr().out)
+    p = result["perplexity"]
+    assert p["student"] != p["teacher"] and set(result["cka"]) == {"0", "1"} and 0 < result["cka_mean"] < 1
+    main(["eval", "--student", str(tiny / "model"), "--teacher", str(tiny / "model"),
+          "--eval_file", str(tiny / "eval.txt"), "--block_size", "32", "--probe_blocks", "8"])
+    same = json.loads(capsys.readouterr().out)
+    assert same["perplexity"]["student"] == same["perplexity"]["teacher"] and same["cka_mean"] == pytest.approx(1.0)
+
+
+def test_card_command_rebuilds_the_card(tiny, tmp_path):
+    from hf_sdft.cli import main
+
+    recover(tiny, tmp_path, "--max_steps", "2")
+    (tmp_path / "README.md").unlink()
+    main(["card", str(tmp_path)])
+    assert "## How to load" in (tmp_path / "README.md").read_text()
+
+
 class TestBadInput:
     def test_missing_file(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="train_file=/nope.txt does not exist"):
