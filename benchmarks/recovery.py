@@ -1,7 +1,7 @@
 """Recovery benchmark on the embedded default model: every recipe, one fixed budget, three ways.
 
     python benchmarks/recovery.py                  # all recipes (~40 min on 2 CPU cores)
-    python benchmarks/recovery.py --recipes quanto-int4 --max_steps 100
+    python benchmarks/recovery.py --recipes quanto-int4 --max_steps 100 --update   # redo one table
 
 For each recipe the same degraded student, data, steps and learning rate are recovered by
 (1) plain CE fine-tuning, (2) KD only, (3) KD + CKA regulariser. First it reports what each
@@ -125,9 +125,19 @@ def write_report(costs: list[dict], runs: dict, max_steps: int) -> None:
                 row += f" {n['degraded']:.3f} → {n['recovered']:.3f} |"
             row += f" {s['bench_seconds'] / ce_time:.2f} |"
             lines.append(row)
+        lines.append("")
+        for method in ("KD", "KD + CKA"):
+            r = methods[method]["recovery_ratio"]
+            verdict = "met" if r is not None and r >= TARGETS[recipe] else f"NOT met, short by {TARGETS[recipe] - (r or 0):.3f}"
+            lines.append(f"- {method}: R = {fmt(r)} — target {TARGETS[recipe]} {verdict}; "
+                         f"{'beats' if (r or 0) > (methods['plain CE']['recovery_ratio'] or 0) else 'does NOT beat'} "
+                         "plain CE.")
+    discussion = ROOT / "benchmarks" / "discussion.md"  # hand-written reading of the numbers
+    if discussion.exists():
+        lines += ["", discussion.read_text()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recovery.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "recovery.json").write_text(json.dumps({"costs": costs, "runs": runs}, indent=2))
+    (RESULTS / "recovery.json").write_text(json.dumps({"costs": costs, "runs": runs, "max_steps": max_steps}, indent=2))
 
 
 def main() -> None:
@@ -135,9 +145,17 @@ def main() -> None:
     p.add_argument("--recipes", nargs="*", default=list(TARGETS))
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--out", default="/tmp/hf-sdft-bench")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other recipes' tables from results/recovery.json (each table is still one run)")
+    p.add_argument("--report_only", action="store_true", help="rewrite recovery.md from recovery.json, run nothing")
     a = p.parse_args()
+    previous = RESULTS / "recovery.json"
+    if a.report_only:
+        saved = json.loads(previous.read_text())
+        write_report(saved["costs"], saved["runs"], saved.get("max_steps", a.max_steps))
+        return
     costs = degradation_costs()
-    runs: dict[str, dict] = {}
+    runs: dict[str, dict] = json.loads(previous.read_text())["runs"] if a.update and previous.exists() else {}
     for recipe in a.recipes:
         methods = PREVENT_METHODS if recipe == "forgetting-prevent" else METHODS
         runs[recipe] = {m: run(recipe, m, flags, a.max_steps, Path(a.out)) for m, flags in methods.items()}

@@ -184,7 +184,8 @@ def sft_on_narrow(student, tokenizer, data: RecoveryData, args: SDFTConfig, rec:
         save_strategy="no", report_to="none", logging_steps=args.logging_steps, seed=args.seed, bf16=False,
         use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm,
         kd_ratio=args.kd_ratio if kd_teacher is not None else 0.0, kd_loss=args.kd_loss, kd_beta=args.kd_beta,
-        kd_temperature=args.kd_temperature,
+        kd_temperature=args.kd_temperature, cka_weight=args.cka_weight if kd_teacher is not None else 0.0,
+        cka_layers=args.cka_layers,
     )
     if kd_teacher is None:
         trainer = Trainer(model=student, args=stage_args, train_dataset=data.narrow_train, processing_class=tokenizer)

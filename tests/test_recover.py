@@ -113,6 +113,16 @@ def test_forgetting_recipe_reports_narrow_and_general_perplexity(tiny, tmp_path,
     assert stats["degradation"]["mode"] == mode
 
 
+def test_prevent_mode_uses_the_cka_regulariser(tiny, tmp_path):
+    narrow = ["--degradation", "forgetting", "--forgetting_mode", "prevent", "--forgetting_steps", "6",
+              "--narrow_train_file", str(tiny / "narrow_train.txt"), "--narrow_eval_file", str(tiny / "narrow_eval.txt"),
+              "--kd_ratio", "0.5", "--forgetting_learning_rate", "1e-2"]
+    kd, _ = recover(tiny, tmp_path / "kd", *narrow)
+    with_cka, _ = recover(tiny, tmp_path / "cka", *narrow, "--cka_weight", "1.0")
+    assert with_cka["recovery"]["cka_weight"] == 1.0
+    assert with_cka["perplexity"]["recovered"] != pytest.approx(kd["perplexity"]["recovered"], rel=1e-6)
+
+
 def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path):
     first, _ = recover(tiny, tmp_path, "--degradation", "prune", "--max_steps", "4", "--learning_rate", "1e-2")
     masks = masks_from_zeros(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4"))
