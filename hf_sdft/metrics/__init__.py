@@ -8,6 +8,15 @@
 from importlib import resources
 
 
+def text_metric_info(doc: str, citation: str, inputs: str):
+    """``evaluate.MetricInfo`` of a metric whose predictions are texts."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(description=doc, citation=citation, inputs_description=inputs,
+                               features=datasets.Features({"predictions": datasets.Value("string")}))
+
+
 def metric_path(name: str) -> str:
     """Folder of a shipped metric module: ``perplexity`` or ``cka``."""
     path = resources.files("hf_sdft") / "metrics" / name

@@ -1,22 +1,18 @@
 """Per-layer linear CKA between a student's and its teacher's hidden states on texts, as an
 ``evaluate`` metric (tokens are the rows; each batch is one minibatch of MinibatchCKA)."""
 
-import datasets
 import evaluate
 from transformers import AutoTokenizer
 
 from hf_sdft.callbacks import measure_cka, per_layer, tokenize_probe
 from hf_sdft.evaluation import load_model
+from hf_sdft.metrics import text_metric_info
 
 
 class CKA(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__,
-            citation="Kornblith et al. 2019 (CKA); Nguyen et al. 2021 (minibatch CKA)",
-            inputs_description="predictions: list of texts; student_model_id, teacher_model_id: folders or Hub ids",
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return text_metric_info(__doc__, "Kornblith et al. 2019 (CKA); Nguyen et al. 2021 (minibatch CKA)",
+                                "predictions: list of texts; student_model_id, teacher_model_id: folders or Hub ids")
 
     def _compute(self, predictions, student_model_id, teacher_model_id, layers="all", debiased=False,
                  max_tokens=4096, batch_size=8):

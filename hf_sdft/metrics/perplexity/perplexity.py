@@ -5,22 +5,17 @@ result is exp(mean next-token NLL) over all scored tokens. Quanto folders saved 
 are detected and loaded with ``load_quantized``.
 """
 
-import datasets
 import evaluate
 from transformers import AutoTokenizer
 
 from hf_sdft.data import as_batches, pack_blocks
 from hf_sdft.evaluation import load_model, perplexity
+from hf_sdft.metrics import text_metric_info
 
 
 class Perplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__,
-            citation="",
-            inputs_description="predictions: list of texts; model_id: folder or Hub id; block_size; batch_size",
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return text_metric_info(__doc__, "", "predictions: list of texts; model_id: folder or Hub id; block_size; batch_size")
 
     def _compute(self, predictions, model_id, block_size=128, batch_size=16, tokenizer_id=None):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_id or model_id)
