@@ -85,9 +85,9 @@ def measure_cka(
     """Per-layer CKA (or the layer×layer matrix with ``full=True``) over fixed probe batches.
 
     Tokens are the rows (padding excluded); each batch is one minibatch of
-    :class:`~hf_sdft.cka.MinibatchCKA`. Under torch.distributed each process takes every
-    world-size-th batch and the HSIC sums are all-reduced, so the value equals the
-    single-process one. ``teacher=None``: the PEFT student's base (adapters disabled).
+    :class:`~hf_sdft.cka.MinibatchCKA`. Under torch.distributed the batches are split over
+    processes (:func:`~hf_sdft.distributed.shard`) and the HSIC sums all-reduced, so the value
+    equals the single-process one. ``teacher=None``: the PEFT student's base (adapters disabled).
     """
     student = unwrap(student)
     teacher_module = unwrap(teacher) if teacher is not None else student
@@ -99,13 +99,13 @@ def measure_cka(
     try:
         for batch, counted in tqdm(shard(batches), desc="CKA", leave=False, disable=progress_disabled()):
             rows = batch["attention_mask"].bool()
+            student_rows, teacher_rows = rows.to(devices[0]), rows.to(devices[1])
             with capture_layers(student, layers) as hs:
                 student(**{k: v.to(devices[0]) for k, v in batch.items()}, use_cache=False)
             with teacher_context(student, teacher) as t, capture_layers(t, layers) as ht:
                 t(**{k: v.to(devices[1]) for k, v in batch.items()}, use_cache=False)
             if counted:
-                acc.update([hs[i][rows.to(devices[0])] for i in layers],
-                           [ht[i][rows.to(devices[1])].to(devices[0]) for i in layers])
+                acc.update([hs[i][student_rows] for i in layers], [ht[i][teacher_rows].to(devices[0]) for i in layers])
     finally:
         student.train(modes[0])
         teacher_module.train(modes[1])

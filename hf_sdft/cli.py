@@ -58,9 +58,10 @@ def cmd_degrade(argv: list[str]) -> None:
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
-    from .callbacks import measure_cka, per_layer, tokenize_probe
-    from .data import as_batches, default_data_file, load_texts, pack_blocks
+    from .callbacks import measure_cka, per_layer
+    from .data import default_data_file, load_texts
     from .evaluation import load_model, perplexity
+    from .recover import held_out
 
     p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity and per-layer CKA of a student vs its teacher.")
     p.add_argument("--student", required=True, help="folder saved by hf-sdft/transformers (quanto folders detected)")
@@ -73,11 +74,9 @@ def cmd_eval(argv: list[str]) -> dict:
     a = p.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(a.teacher)
     texts = load_texts(data_file=a.eval_file or default_data_file("eval"), text_field=a.dataset_text_field)
-    blocks = pack_blocks(tokenizer, texts, a.block_size, a.max_eval_blocks)
+    batches, _, probe_batches = held_out(tokenizer, texts, a.block_size, a.max_eval_blocks, a.probe_blocks)
     student, teacher = load_model(a.student), load_model(a.teacher)
-    probe = blocks.select(range(min(a.probe_blocks, len(blocks))))
-    layers, cka = measure_cka(student, teacher, tokenize_probe(probe, None, len(probe) * a.block_size, 8))
-    batches = as_batches(blocks, 16)
+    layers, cka = measure_cka(student, teacher, probe_batches)
     result = {
         "perplexity": {"student": perplexity(student, batches), "teacher": perplexity(teacher, batches)},
         "cka": per_layer(layers, cka),

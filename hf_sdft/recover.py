@@ -116,6 +116,15 @@ class RecoveryData:
     narrow_eval_batches: list | None = None
 
 
+def held_out(tokenizer, texts: list[str], block_size: int, max_blocks: int | None, probe_blocks: int,
+             batch_size: int = 16):
+    """Held-out text as (perplexity batches, probe blocks, CKA probe batches): the first
+    ``probe_blocks`` evaluation blocks are the CKA probe set."""
+    blocks = pack_blocks(tokenizer, texts, block_size, max_blocks)
+    probe = blocks.select(range(min(probe_blocks, len(blocks))))
+    return as_batches(blocks, batch_size), probe, tokenize_probe(probe, None, len(probe) * block_size, batch_size=8)
+
+
 def load_data(rec: RecoveryArguments, tokenizer, default_model: bool) -> RecoveryData:
     def texts(name, file, fallback):
         if file is None and name is None:
@@ -125,18 +134,13 @@ def load_data(rec: RecoveryArguments, tokenizer, default_model: bool) -> Recover
         return load_texts(dataset_name=name, dataset_config_name=rec.dataset_config_name, data_file=file,
                           split="validation" if "eval" in fallback else "train", text_field=rec.dataset_text_field)
 
-    narrow = rec.degradation == "forgetting"
-    train_name = rec.dataset_name
-    train = pack_blocks(tokenizer, texts(train_name, rec.train_file, "train"), rec.block_size)
-    eval_set = pack_blocks(tokenizer, texts(train_name, rec.eval_file, "eval"), rec.block_size, rec.max_eval_blocks)
-    probe = eval_set.select(range(min(rec.probe_blocks, len(eval_set))))
-    data = RecoveryData(
-        train=train,
-        eval_batches=as_batches(eval_set, rec.eval_batch_size),
-        probe=probe,
-        probe_batches=tokenize_probe(probe, None, max_tokens=len(probe) * rec.block_size, batch_size=8),
+    train = pack_blocks(tokenizer, texts(rec.dataset_name, rec.train_file, "train"), rec.block_size)
+    eval_batches, probe, probe_batches = held_out(
+        tokenizer, texts(rec.dataset_name, rec.eval_file, "eval"), rec.block_size, rec.max_eval_blocks,
+        rec.probe_blocks, rec.eval_batch_size,
     )
-    if narrow:
+    data = RecoveryData(train=train, eval_batches=eval_batches, probe=probe, probe_batches=probe_batches)
+    if rec.degradation == "forgetting":
         data.narrow_train = pack_blocks(tokenizer, texts(rec.narrow_dataset_name, rec.narrow_train_file, "narrow_train"),
                                         rec.block_size)
         narrow_eval = pack_blocks(tokenizer, texts(rec.narrow_dataset_name, rec.narrow_eval_file, "narrow_eval"),
@@ -166,10 +170,12 @@ def load_teacher_and_data(rec: RecoveryArguments, model_args):
 
 
 def measure(model, teacher, data: RecoveryData) -> dict:
-    """Perplexity on the eval text (and the narrow task), and per-layer CKA to the teacher."""
-    layers, cka = measure_cka(model, teacher, data.probe_batches)
-    out = {"ppl": perplexity(model, data.eval_batches), "cka": per_layer(layers, cka),
-           "cka_mean": float(cka.mean())}
+    """Perplexity on the eval text (and the narrow task), and per-layer CKA to ``teacher``
+    (skipped when ``teacher`` is None: the teacher's own figures)."""
+    out = {"ppl": perplexity(model, data.eval_batches)}
+    if teacher is not None:
+        layers, cka = measure_cka(model, teacher, data.probe_batches)
+        out |= {"cka": per_layer(layers, cka), "cka_mean": float(cka.mean())}
     if data.narrow_eval_batches is not None:
         out["narrow_ppl"] = perplexity(model, data.narrow_eval_batches)
     return out
@@ -250,7 +256,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     model_path, tokenizer, teacher, data = load_teacher_and_data(rec, model_args)
     degradation = rec.build_degradation()
     quanto = getattr(degradation, "kind", None) == "quanto"
-    before_teacher = measure(teacher, teacher, data)
+    before_teacher = measure(teacher, None, data)
     student = degrade_student(teacher, tokenizer, data, rec, args, degradation)
     teacher.requires_grad_(False).eval()
     before = measure(student, teacher, data)
