@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .cka import MinibatchCKA
+from .data import model_inputs, tokenize_probe
 from .distributed import progress_disabled, shard
 from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
 
@@ -33,43 +34,6 @@ def cka_history(log_history: Sequence[dict]) -> list[dict]:
 def per_layer(layers: Sequence[int], values: torch.Tensor) -> dict[str, float]:
     """``{"<layer index>": value}``: the JSON-friendly form of per-layer CKA."""
     return {str(i): float(v) for i, v in zip(layers, values, strict=True)}
-
-
-def tokenize_probe(probe, tokenizer, max_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed, padded probe batches holding at most ``max_tokens`` real tokens in all.
-
-    ``probe``: strings (needs ``tokenizer``), or examples with ``input_ids``.
-    """
-    rows: list[list[int]] = []
-    budget = max_tokens
-    for example in probe:
-        if isinstance(example, str):
-            if tokenizer is None:
-                raise ValueError("the probe set holds text: pass tokenizer= or use a Trainer with a processing_class")
-            ids = tokenizer(example)["input_ids"]
-        else:
-            ids = list(example["input_ids"])
-            if "attention_mask" in example:
-                ids = [t for t, m in zip(ids, example["attention_mask"]) if m]
-        ids = ids[:budget]
-        if len(ids) >= 4:  # a minibatch of fewer tokens cannot be measured (debiased HSIC needs 4)
-            rows.append(ids)
-            budget -= len(ids)
-        if budget <= 0:
-            break
-    if not rows:
-        raise ValueError("the CKA probe set has no example with at least 4 tokens")
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for r, seq in enumerate(chunk):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
 
 
 @torch.no_grad()
@@ -101,9 +65,9 @@ def measure_cka(
             rows = batch["attention_mask"].bool()
             student_rows, teacher_rows = rows.to(devices[0]), rows.to(devices[1])
             with capture_layers(student, layers) as hs:
-                student(**{k: v.to(devices[0]) for k, v in batch.items()}, use_cache=False)
+                student(**{k: v.to(devices[0]) for k, v in model_inputs(batch).items()}, use_cache=False)
             with teacher_context(student, teacher) as t, capture_layers(t, layers) as ht:
-                t(**{k: v.to(devices[1]) for k, v in batch.items()}, use_cache=False)
+                t(**{k: v.to(devices[1]) for k, v in model_inputs(batch).items()}, use_cache=False)
             if counted:
                 acc.update([hs[i][student_rows] for i in layers], [ht[i][teacher_rows].to(devices[0]) for i in layers])
     finally:

@@ -15,8 +15,10 @@ USAGE = """usage: hf-sdft {recover,degrade,eval,card} ...
   recover  degrade a model, recover it by self-distillation, print the results table
            (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
   degrade  write the degraded student only
-  eval     perplexity and per-layer CKA of a student against its teacher
+  eval     perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
   card     (re)build the model card of a recovery output folder
+
+Your own student: hf-sdft recover --model_name_or_path ORIGINAL --student_name_or_path STUDENT
 
 Options of recover/degrade: --config RECIPE.yaml and any field of RecoveryArguments,
 SDFTConfig (transformers TrainingArguments + kd_*/cka_*) or TRL's ModelConfig.
@@ -26,13 +28,14 @@ SDFTConfig (transformers TrainingArguments + kd_*/cka_*) or TRL's ModelConfig.
 def _recipe_parser():
     from trl import ModelConfig, TrlParser
 
-    from .recover import RecoveryArguments, RecoveryConfig
+    from .config import RecoveryArguments, RecoveryConfig
 
     return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig))
 
 
 def cmd_recover(argv: list[str]) -> dict:
-    from .recover import format_table, run_recovery
+    from .recover import run_recovery
+    from .stats import format_table
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     stats = run_recovery(rec, args, model_args)
@@ -43,15 +46,14 @@ def cmd_recover(argv: list[str]) -> dict:
 
 
 def cmd_degrade(argv: list[str]) -> None:
-    from .recover import degrade_student, load_teacher_and_data
+    from .recover import load
+    from .student import degraded_student, save_student
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
-    _, tokenizer, teacher, data = load_teacher_and_data(rec, model_args)
-    degradation = rec.build_degradation()
-    student = degrade_student(teacher, tokenizer, data, rec, args, degradation)
+    original = load(rec, model_args)
+    student = degraded_student(original.model, original.tokenizer, original.data, rec, args)
     if args.should_save:
-        (degradation.save if degradation is not None else type(student).save_pretrained)(student, args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
+        save_student(student, original.tokenizer, args.output_dir)
         print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
 
 
@@ -59,29 +61,39 @@ def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     from .callbacks import measure_cka, per_layer
-    from .data import default_data_file, load_texts
-    from .evaluation import load_model, perplexity
-    from .recover import held_out
+    from .data import data_format, default_data_file, held_out, load_examples
+    from .evaluation import perplexity
+    from .student import load_model, model_folder
 
-    p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity and per-layer CKA of a student vs its teacher.")
-    p.add_argument("--student", required=True, help="folder saved by hf-sdft/transformers (quanto folders detected)")
+    p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity, per-layer CKA and lm-eval task "
+                                "scores of a student vs its teacher.")
+    p.add_argument("--student", required=True, help="folder or Hub id (transformers, quanto, PEFT adapters)")
     p.add_argument("--teacher", required=True, help="the original model: folder or Hub id")
-    p.add_argument("--eval_file", default=None, help="held-out text (default: the embedded default's eval split)")
+    p.add_argument("--eval_file", default=None, help="held-out data (default: the embedded default's eval split)")
     p.add_argument("--dataset_text_field", default="text")
+    p.add_argument("--txt_sample_by", default="document", help="document | paragraph | line (.txt files)")
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--max_eval_blocks", type=int, default=200)
     p.add_argument("--probe_blocks", type=int, default=32)
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (hf-sdft[eval])")
+    p.add_argument("--limit", type=int, default=None, help="cap on examples per lm-eval task")
     a = p.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(a.teacher)
-    texts = load_texts(data_file=a.eval_file or default_data_file("eval"), text_field=a.dataset_text_field)
-    batches, _, probe_batches = held_out(tokenizer, texts, a.block_size, a.max_eval_blocks, a.probe_blocks)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(a.teacher, "--teacher"))
+    ds = load_examples(data_file=a.eval_file or default_data_file("eval"), txt_sample_by=a.txt_sample_by)
+    held = held_out(tokenizer, ds, data_format(ds, a.dataset_text_field), block_size=a.block_size,
+                    max_items=a.max_eval_blocks, probe_items=a.probe_blocks, text_field=a.dataset_text_field)
     student, teacher = load_model(a.student), load_model(a.teacher)
-    layers, cka = measure_cka(student, teacher, probe_batches)
+    layers, cka = measure_cka(student, teacher, held.probe_batches)
     result = {
-        "perplexity": {"student": perplexity(student, batches), "teacher": perplexity(teacher, batches)},
+        "perplexity": {"student": perplexity(student, held.batches), "teacher": perplexity(teacher, held.batches)},
         "cka": per_layer(layers, cka),
         "cka_mean": float(cka.mean()),
     }
+    if a.tasks:
+        from .downstream import evaluate_tasks
+
+        result["downstream"] = {name: evaluate_tasks(model, tokenizer, a.tasks, limit=a.limit)
+                                for name, model in (("student", student), ("teacher", teacher))}
     print(json.dumps(result, indent=2))
     return result
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
+from .data import DEFAULT_SPLITS, TXT_SAMPLE_BY
 from .losses import LOSS_TYPES
 
 
@@ -74,3 +77,125 @@ class SDFTConfig(SDFTArguments, TrainingArguments):
 @dataclass
 class SDFTSFTConfig(SDFTArguments, SFTConfig):
     """``trl.SFTConfig`` plus the SDFT fields; for :class:`~hf_sdft.SDFTSFTTrainer`."""
+
+
+DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
+FORGETTING_MODES = ("recover", "prevent")
+
+
+@dataclass
+class RecoveryArguments:
+    """The recovery job's own fields (``hf-sdft recover``): where the student comes from (your
+    own with ``student_name_or_path``, or degraded here as ``degradation`` says), which data,
+    and what to measure. Unset data sources fall back to the data shipped with the embedded model."""
+
+    student_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Your degraded student (folder or Hub id: transformers, quanto, or a PEFT adapter folder), "
+                  "recovered from model_name_or_path; the degradation step is skipped."},
+    )
+    keep_sparsity: bool = field(
+        default=True, metadata={"help": "Keep the zeros of a pruned student exactly (masks detected from its weights)."}
+    )
+    degradation: str = field(default="quanto", metadata={"help": f"One of {', '.join(DEGRADATION_KINDS)}."})
+    quant_weights: str = field(default="int4", metadata={"help": "int8 | int4 | int2"})
+    quant_activations: str | None = field(default=None, metadata={"help": "None | int8 | fp8"})
+    quant_group_size: str = field(
+        default="channel", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
+    )
+    prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
+    prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
+    prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda"})
+    calibration_blocks: int = field(default=16, metadata={"help": "Training blocks used for Wanda / activation scales."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
+    dataset_config_name: str | None = None
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local recovery data: .txt, or .jsonl/.parquet/.csv with a text column or "
+                                "chat data (messages, or prompt + completion)."})
+    eval_file: str | None = field(default=None, metadata={"help": "Local held-out data for perplexity and CKA."})
+    dataset_text_field: str = "text"
+    txt_sample_by: str = field(
+        default="document",
+        metadata={"help": "How a .txt file splits into documents (EOS after each, line breaks kept): document "
+                  "(the whole file) | paragraph (at blank lines) | line."},
+    )
+    default_data: str = field(
+        default="text", metadata={"help": "Shipped data for unset sources (embedded model only): text | chat."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training block / longest chat example."})
+    max_eval_blocks: int | None = field(default=200, metadata={"help": "Cap on evaluation blocks (or chat examples)."})
+    probe_blocks: int = field(default=32, metadata={"help": "Held-out blocks (or examples) used as the CKA probe set."})
+    cka_every_n_steps: int | None = field(default=50, metadata={"help": "CKA measurement period (steps)."})
+    narrow_dataset_name: str | None = None
+    narrow_train_file: str | None = field(default=None, metadata={"help": "Narrow task for the forgetting recipe."})
+    narrow_eval_file: str | None = field(default=None, metadata={"help": "Narrow task held out (its perplexity is reported)."})
+    forgetting_mode: str = field(default="recover", metadata={"help": "recover (SFT, then SDFT) | prevent (CE+KD in one run)"})
+    forgetting_steps: int = field(default=200, metadata={"help": "Plain SFT steps on the narrow task."})
+    forgetting_learning_rate: float = 1e-3
+    eval_batch_size: int = 16
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks scored on teacher, degraded and recovered "
+                                "models (comma-separated; needs hf-sdft[eval]), e.g. sdft_kjv_nextline."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Cap on examples per lm-eval task."})
+
+    def __post_init__(self):
+        choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,
+                   "txt_sample_by": TXT_SAMPLE_BY, "default_data": tuple(DEFAULT_SPLITS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("train_file", "eval_file", "narrow_train_file", "narrow_eval_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name}={path} does not exist")
+
+    @property
+    def uses_narrow_task(self) -> bool:
+        """Forgetting degrades on the narrow task; any run measures it when one is named."""
+        named = self.narrow_dataset_name or self.narrow_train_file or self.narrow_eval_file
+        return self.degradation == "forgetting" or bool(named)
+
+    def group_size(self):
+        if self.quant_group_size in ("auto", "channel"):
+            return "auto" if self.quant_group_size == "auto" else None
+        return int(self.quant_group_size)
+
+    def build_degradation(self):
+        """The registered degradation to apply (None for forgetting, none, or your own student)."""
+        from .compress import get_degradation
+
+        if self.student_name_or_path is not None:
+            return None
+        if self.degradation == "quanto":
+            return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
+                                   group_size=self.group_size())
+        if self.degradation == "prune":
+            return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
+                                   method=self.prune_method)
+        return None
+
+
+@dataclass
+class RecoveryConfig(SDFTConfig):
+    """``SDFTConfig`` for the recovery job. The defaults are the embedded 1.1M-parameter default
+    model's own small-model settings (``hf-sdft recover`` with no arguments, on CPU); the recipes in
+    ``recipes/`` set real-model values (learning rate, accumulation, bf16)."""
+
+    output_dir: str | None = "outputs/quanto-int4"
+    max_steps: int = 300
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 1e-3
+    lr_scheduler_type: SchedulerType | str = "cosine"
+    warmup_steps: float = 20
+    logging_steps: float = 25
+    save_steps: float = 100
+    save_total_limit: int | None = 2
+    report_to: None | str | list[str] = "none"
+    bf16: bool = False
+    seed: int = 0
+
+
+def as_sft_config(args: SDFTConfig, **overrides) -> SDFTSFTConfig:
+    """The same settings as an :class:`SDFTSFTConfig` (for :class:`~hf_sdft.SDFTSFTTrainer`)."""
+    values = {f.name: getattr(args, f.name) for f in fields(SDFTConfig) if f.init}
+    return SDFTSFTConfig(**(values | overrides))

@@ -1,15 +1,34 @@
-"""Text datasets for recovery: Hub ids or local .txt/.jsonl/.json/.parquet/.csv files,
-tokenized and packed into fixed-length blocks (as transformers' ``run_clm`` does)."""
+"""All data preparation for recovery, in one place.
+
+- Reading: Hub ids or local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files.
+  A ``.txt`` file keeps its text: read whole as one document (``txt_sample_by="document"``),
+  or split into documents at blank lines (``"paragraph"``) or at line ends (``"line"``).
+- Plain text (a ``text`` column): each document tokenized whole, as the model was trained
+  (the tokenizer's own special tokens, then EOS at the document's end only), packed into
+  fixed-length blocks (:func:`pack_blocks`).
+- Chat and instruction data in TRL's formats (``messages``, ``prompt``/``completion``,
+  conversational or not): rendered with the model's chat template, labels on the completion
+  only (:func:`tokenize_examples`), the way TRL's ``SFTTrainer`` tokenizes them.
+- Held-out perplexity batches and the fixed CKA probe set (:func:`load_recovery_data`).
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
 
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TXT_SAMPLE_BY = ("document", "paragraph", "line")
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+EXTENSIONS = (".txt", *TABLE_BUILDERS)
+DEFAULT_SPLITS = {  # shipped with the embedded default model: (train, eval, narrow train, narrow eval)
+    "text": ("train", "eval", "narrow_train", "narrow_eval"),
+    "chat": ("chat_train", "chat_eval", "narrow_chat_train", "narrow_chat_eval"),
+}
 
 
 def default_model_path() -> str:
@@ -18,46 +37,94 @@ def default_model_path() -> str:
 
 
 def default_data_file(name: str) -> str:
-    """A text split shipped with the default model: train, eval, narrow_train, narrow_eval."""
-    return str(resources.files("hf_sdft") / "default_data" / f"{name}.txt")
+    """A split shipped with the default model (``.jsonl``, one document or chat example a row):
+    train, eval, narrow_train, narrow_eval, chat_train, chat_eval, narrow_chat_train, narrow_chat_eval."""
+    path = resources.files("hf_sdft") / "default_data" / f"{name}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no shipped data split {name!r}: choose one of {', '.join(sum(DEFAULT_SPLITS.values(), ()))}")
+    return str(path)
 
 
-def load_texts(
+def read_txt(path: str | Path, sample_by: str = "document") -> list[str]:
+    """Documents of a ``.txt`` file, line breaks kept: the whole file, its blank-line-separated
+    paragraphs (leading/trailing newlines of each stripped), or its lines."""
+    if sample_by not in TXT_SAMPLE_BY:
+        raise ValueError(f"txt_sample_by={sample_by!r}: choose one of {', '.join(TXT_SAMPLE_BY)}")
+    text = Path(path).read_text(encoding="utf-8")
+    if sample_by == "document":
+        docs = [text]
+    elif sample_by == "paragraph":
+        docs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text)]
+    else:
+        docs = text.splitlines()
+    return [d for d in docs if d.strip()]
+
+
+def load_examples(
     *, dataset_name: str | None = None, dataset_config_name: str | None = None, data_file: str | None = None,
-    split: str = "train", text_field: str = "text",
-) -> list[str]:
-    """Texts from a Hub dataset (``dataset_name``) or a local file; empty lines dropped."""
+    split: str = "train", txt_sample_by: str = "document",
+) -> Dataset:
+    """Raw examples from a Hub dataset (``dataset_name``, ``split``) or a local file."""
     if data_file is not None:
         path = Path(data_file)
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"data file {data_file} does not exist")
-        builder = LOCAL_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"{data_file}: unsupported extension, use one of {', '.join(LOCAL_BUILDERS)}")
-        ds = load_dataset(builder, data_files={"data": str(path)}, split="data")
-    elif dataset_name is not None:
-        ds = load_dataset(dataset_name, dataset_config_name, split=split)
-    else:
-        raise ValueError("no dataset: set dataset_name or a data file")
-    if text_field not in ds.column_names:
-        raise ValueError(
-            f"dataset has no text field {text_field!r} (columns: {', '.join(ds.column_names)}): set dataset_text_field"
-        )
+        if path.suffix not in EXTENSIONS:
+            raise ValueError(f"{data_file}: unsupported extension, use one of {', '.join(EXTENSIONS)}")
+        if path.stat().st_size == 0 or (path.suffix == ".txt" and not read_txt(path, "document")):
+            raise ValueError(f"data file {data_file} is empty: give a file that holds text")
+        if path.suffix == ".txt":
+            return Dataset.from_dict({"text": read_txt(path, txt_sample_by)})
+        return load_dataset(TABLE_BUILDERS[path.suffix], data_files={"data": str(path)}, split="data")
+    if dataset_name is not None:
+        return load_dataset(dataset_name, dataset_config_name, split=split)
+    raise ValueError("no dataset: set dataset_name or a data file")
+
+
+def data_format(ds: Dataset, text_field: str = "text") -> str:
+    """``"chat"`` (``messages``, or ``prompt`` + ``completion``) or ``"text"`` (``text_field``)."""
+    columns = ds.column_names
+    if "messages" in columns or {"prompt", "completion"} <= set(columns):
+        return "chat"
+    if text_field in columns:
+        return "text"
+    raise ValueError(
+        f"dataset has no text field {text_field!r} (columns: {', '.join(columns)}): set dataset_text_field, "
+        "or give chat data with a 'messages' column or 'prompt' and 'completion' columns"
+    )
+
+
+def load_texts(*, text_field: str = "text", **source) -> list[str]:
+    """The non-empty texts of a plain-text dataset (see :func:`load_examples` for ``source``)."""
+    ds = load_examples(**source)
+    if data_format(ds, text_field) != "text":
+        raise ValueError(f"expected plain text in column {text_field!r}, got chat data (columns: {ds.column_names})")
+    return texts_of(ds, text_field)
+
+
+def texts_of(ds: Dataset, text_field: str) -> list[str]:
     texts = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"dataset field {text_field!r} holds no text")
     return texts
 
 
-def pack_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int | None = None) -> Dataset:
-    """Concatenate ``texts`` (each ended by EOS) and cut them into ``block_size``-token blocks.
+def document_ids(tokenizer, text: str) -> list[int]:
+    """One document's tokens as in pretraining: the tokenizer's special tokens (e.g. BOS), the
+    text tokenized whole, then EOS unless the tokenizer already ended it with EOS."""
+    ids = tokenizer(text)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
 
-    Returns a Dataset with ``input_ids``, ``attention_mask`` and ``labels`` (= input_ids).
-    """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+def pack_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int | None = None) -> Dataset:
+    """Concatenate the documents' tokens (:func:`document_ids`) and cut them into
+    ``block_size``-token blocks. Returns ``input_ids``, ``attention_mask`` and ``labels`` (= input_ids)."""
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"] + eos)
+        ids.extend(document_ids(tokenizer, t))
         if max_blocks is not None and len(ids) >= max_blocks * block_size:
             break
     n = len(ids) // block_size
@@ -69,10 +136,197 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_blocks: int | 
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n, "labels": blocks})
 
 
+def split_prompt(example: dict) -> tuple:
+    """(prompt, completion) of a chat example: ``prompt``/``completion`` as given, or a
+    ``messages`` conversation cut before its last assistant turn (the turn that is trained on)."""
+    if "messages" not in example or example.get("prompt") is not None:
+        return example["prompt"], example["completion"]
+    messages = example["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"a conversation has no assistant turn to train on: {messages!r}")
+    return messages[:last], messages[last:last + 1]
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "the data is conversational but the tokenizer has no chat template: use a model with one, set "
+            "tokenizer.chat_template, or give prompt/completion as plain strings"
+        )
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                        return_dict=True)
+    return list(out["input_ids"])
+
+
+def example_ids(tokenizer, example: dict) -> tuple[list[int], int]:
+    """(prompt + completion tokens, number of prompt tokens) of one chat example, as TRL's
+    ``SFTTrainer`` builds them: the completion starts where the tokenized prompt and
+    prompt + completion stop agreeing; plain-string completions end with EOS."""
+    prompt, completion = split_prompt(example)
+    if isinstance(prompt, list):
+        prompt_ids = _chat_ids(tokenizer, prompt, generation_prompt=True)
+        full = _chat_ids(tokenizer, prompt + completion, generation_prompt=False)
+    else:
+        prompt_ids, full = tokenizer(prompt)["input_ids"], document_ids(tokenizer, prompt + completion)
+    n = 0
+    while n < min(len(prompt_ids), len(full)) and prompt_ids[n] == full[n]:
+        n += 1
+    return full, n
+
+
+def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int | None = None) -> Dataset:
+    """Chat / instruction examples → ``input_ids``, ``attention_mask`` and ``labels`` (−100 on the
+    prompt), cut to ``max_length`` tokens; examples left with no completion token are dropped."""
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in ds:
+        ids, n_prompt = example_ids(tokenizer, example)
+        ids = ids[:max_length]
+        if n_prompt >= len(ids):
+            continue
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append([-100] * n_prompt + ids[n_prompt:])
+        if max_examples is not None and len(rows["input_ids"]) >= max_examples:
+            break
+    if not rows["input_ids"]:
+        raise ValueError(
+            f"no example has a completion token within max_length={max_length} (block_size): raise it, "
+            "or check that the examples have non-empty completions"
+        )
+    return Dataset.from_dict(rows)
+
+
+def pad(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A right-padded batch of examples with ``input_ids`` (and optional ``labels``): ``input_ids``,
+    ``attention_mask`` (0 on padding) and ``labels`` (−100 on padding; ``input_ids`` where absent).
+    Also the data collator of the recovery job's trainers."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.as_tensor(row.get("labels", row["input_ids"]))
+    return batch
+
+
 def as_batches(dataset: Dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Model-input batches (no labels) from a packed dataset."""
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        out.append({"input_ids": torch.tensor(rows["input_ids"]), "attention_mask": torch.tensor(rows["attention_mask"])})
-    return out
+    """The dataset in order as :func:`pad` batches of ``batch_size`` examples."""
+    return [pad(dataset.select(range(i, min(i + batch_size, len(dataset)))).to_list())
+            for i in range(0, len(dataset), batch_size)]
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward inputs of a batch from :func:`as_batches` (no labels)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def tokenize_probe(probe, tokenizer, max_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed, padded CKA probe batches holding at most ``max_tokens`` real tokens in all.
+
+    ``probe``: strings (needs ``tokenizer``), or examples with ``input_ids`` (and optionally
+    ``attention_mask``). Rows of fewer than 4 tokens are skipped (debiased HSIC needs 4).
+    """
+    rows: list[list[int]] = []
+    budget = max_tokens
+    for example in probe:
+        if isinstance(example, str):
+            if tokenizer is None:
+                raise ValueError("the probe set holds text: pass tokenizer= or use a Trainer with a processing_class")
+            ids = tokenizer(example)["input_ids"]
+        else:
+            ids = list(example["input_ids"])
+            if "attention_mask" in example:
+                ids = [t for t, m in zip(ids, example["attention_mask"]) if m]
+        ids = ids[:budget]
+        if len(ids) >= 4:
+            rows.append(ids)
+            budget -= len(ids)
+        if budget <= 0:
+            break
+    if not rows:
+        raise ValueError("the CKA probe set has no example with at least 4 tokens")
+    return [model_inputs(b) for b in as_batches(Dataset.from_dict({"input_ids": rows}), batch_size)]
+
+
+@dataclass
+class HeldOut:
+    """A held-out set: perplexity batches (labels say which tokens are scored), the probe
+    examples and their CKA batches."""
+
+    batches: list
+    probe: Dataset
+    probe_batches: list
+
+
+def held_out(tokenizer, ds: Dataset, fmt: str, *, block_size: int, max_items: int | None, probe_items: int,
+             text_field: str = "text", batch_size: int = 16) -> HeldOut:
+    """Held-out text packed in blocks (plain text) or tokenized examples (chat; perplexity over the
+    completions); the first ``probe_items`` blocks / examples are the CKA probe set."""
+    if fmt == "text":
+        items = pack_blocks(tokenizer, texts_of(ds, text_field), block_size, max_items)
+    else:
+        items = tokenize_examples(tokenizer, ds, block_size, max_items)
+    probe = items.select(range(min(probe_items, len(items))))
+    return HeldOut(as_batches(items, batch_size), probe, tokenize_probe(probe, None, len(probe) * block_size, 8))
+
+
+@dataclass
+class RecoveryData:
+    """Everything a recovery run reads. ``fmt``: ``"text"`` (packed blocks) or ``"chat"``
+    (examples with completion-only labels)."""
+
+    fmt: str
+    train: Dataset
+    eval: HeldOut
+    narrow_train: Dataset | None = None
+    narrow_eval: HeldOut | None = None
+
+    def calibration(self, n: int, batch_size: int = 4) -> list[dict]:
+        """The first ``n`` training items as model-input batches (Wanda / activation scales)."""
+        return [model_inputs(b) for b in as_batches(self.train.select(range(min(n, len(self.train)))), batch_size)]
+
+
+def load_recovery_data(rec, tokenizer, default_model: bool) -> RecoveryData:
+    """The training, held-out and (when ``rec`` names one or degrades by forgetting) narrow-task
+    data of a recovery run; ``rec`` is a :class:`~hf_sdft.config.RecoveryArguments`. Unset sources
+    fall back to the data shipped with the embedded default model (``rec.default_data``)."""
+    defaults = dict(zip(("train", "eval", "narrow_train", "narrow_eval"), DEFAULT_SPLITS[rec.default_data]))
+
+    def examples(role: str, dataset_name: str | None, data_file: str | None) -> Dataset:
+        if data_file is None and dataset_name is None:
+            if not default_model:
+                raise ValueError(
+                    f"no {role} data: set dataset_name or {role}_file (the shipped data only fits the embedded model)"
+                )
+            data_file = default_data_file(defaults[role])
+        split = "validation" if role.endswith("eval") else "train"
+        return load_examples(dataset_name=dataset_name, dataset_config_name=rec.dataset_config_name,
+                             data_file=data_file, split=split, txt_sample_by=rec.txt_sample_by)
+
+    def prepare(role: str, dataset_name, data_file, train: bool):
+        ds = examples(role, dataset_name, data_file)
+        fmt = data_format(ds, rec.dataset_text_field)
+        if not train:
+            return fmt, held_out(tokenizer, ds, fmt, block_size=rec.block_size, max_items=rec.max_eval_blocks,
+                                 probe_items=rec.probe_blocks, text_field=rec.dataset_text_field,
+                                 batch_size=rec.eval_batch_size)
+        if fmt == "text":
+            return fmt, pack_blocks(tokenizer, texts_of(ds, rec.dataset_text_field), rec.block_size)
+        return fmt, tokenize_examples(tokenizer, ds, rec.block_size)
+
+    fmt, train = prepare("train", rec.dataset_name, rec.train_file, train=True)
+    eval_fmt, evaluation = prepare("eval", rec.dataset_name, rec.eval_file, train=False)
+    if eval_fmt != fmt:
+        raise ValueError(f"the training data is {fmt} but the held-out data is {eval_fmt}: give both in one format")
+    data = RecoveryData(fmt=fmt, train=train, eval=evaluation)
+    if rec.uses_narrow_task:
+        _, data.narrow_train = prepare("narrow_train", rec.narrow_dataset_name, rec.narrow_train_file, train=True)
+        _, data.narrow_eval = prepare("narrow_eval", rec.narrow_dataset_name, rec.narrow_eval_file, train=False)
+    return data
+

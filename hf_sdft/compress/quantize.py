@@ -141,6 +141,29 @@ def freeze_base(model: nn.Module) -> nn.Module:
     return model
 
 
+def thaw_quantized(model: nn.Module) -> nn.Module:
+    """Turn frozen integer weights (e.g. from :func:`load_quantized`) back into float parameters
+    holding their dequantized values: the layers quantize them again at every forward, so
+    training is quantization-aware and the logits are those of the frozen model."""
+    for m in quantized_modules(model).values():
+        if not isinstance(m.weight, torch.nn.Parameter) or type(m.weight.data) is not torch.Tensor:
+            m.weight = nn.Parameter(m.weight.dequantize().contiguous())
+    return model
+
+
+def quantization_summary(model: nn.Module) -> dict:
+    """``{"weights": ["int4"], "activations": [...], "layers": n}`` of a model's quanto layers
+    (``{}`` when it has none)."""
+    modules = quantized_modules(model)
+    if not modules:
+        return {}
+    names = {qtype.name: key for key, qtype in {**WEIGHT_TYPES, **ACTIVATION_TYPES}.items()}
+    weights = sorted({names.get(m.weight_qtype.name, m.weight_qtype.name) for m in modules.values() if m.weight_qtype})
+    acts = sorted({names.get(m.activation_qtype.name, m.activation_qtype.name)
+                   for m in modules.values() if m.activation_qtype is not None})
+    return {"weights": weights, "activations": acts, "layers": len(modules)}
+
+
 @register_degradation
 class QuantoDegradation(Degradation):
     """Weight (and optionally activation) quantization with optimum-quanto."""
@@ -168,9 +191,3 @@ class QuantoDegradation(Degradation):
 
     def tags(self) -> list[str]:
         return ["quanto", self.weights] + ([f"a{self.activations}"] if self.activations else [])
-
-    def save(self, model, output_dir):
-        save_quantized(model, output_dir)
-
-    def loading_code(self, path: str) -> str:
-        return f'from hf_sdft.compress.quantize import load_quantized\n\nmodel = load_quantized("{path}")'

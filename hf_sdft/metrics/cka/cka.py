@@ -5,7 +5,7 @@ import evaluate
 from transformers import AutoTokenizer
 
 from hf_sdft.callbacks import measure_cka, per_layer, tokenize_probe
-from hf_sdft.evaluation import load_model
+from hf_sdft.student import load_model
 from hf_sdft.metrics import text_metric_info
 
 
