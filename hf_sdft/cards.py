@@ -98,9 +98,9 @@ def _eval_source(data: dict, prefix: str) -> dict:
     """EvalResult dataset fields for the eval text (``prefix`` "" or "narrow_"); local text
     gets the split name ``eval`` / ``narrow_eval`` so the two never merge in the model-index."""
     file, hub = data.get(f"{prefix}eval_file"), data.get(f"{prefix}dataset_name")
-    if hub and not file:  # as hf_sdft.recover.load_data reads it: the validation split, one config name for both
+    if hub and not file:  # as hf_sdft.data.load_recovery_data reads it: the test split, one config name for both
         return {"dataset_type": hub, "dataset_name": hub, "dataset_config": data.get("dataset_config_name"),
-                "dataset_split": "validation"}
+                "dataset_split": data.get("dataset_test_split", "validation")}
     name = f"{Path(file).name} (local file)" if file else f"hf-sdft default {prefix}eval text"
     return {"dataset_type": "text", "dataset_name": name, "dataset_split": f"{prefix}eval"}
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
@@ -79,6 +81,7 @@ class SDFTSFTConfig(SDFTArguments, SFTConfig):
     """``trl.SFTConfig`` plus the SDFT fields; for :class:`~hf_sdft.SDFTSFTTrainer`."""
 
 
+logger = logging.get_logger(__name__)
 DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
 FORGETTING_MODES = ("recover", "prevent")
 
@@ -109,6 +112,8 @@ class RecoveryArguments:
     calibration_blocks: int = field(default=16, metadata={"help": "Training blocks used for Wanda / activation scales."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
     dataset_config_name: str | None = None
+    dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})
+    dataset_test_split: str = field(default="validation", metadata={"help": "Hub split held out for measurements."})
     train_file: str | None = field(
         default=None, metadata={"help": "Local recovery data: .txt, or .jsonl/.parquet/.csv with a text column or "
                                 "chat data (messages, or prompt + completion)."})
@@ -193,6 +198,21 @@ class RecoveryConfig(SDFTConfig):
     report_to: None | str | list[str] = "none"
     bf16: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        if self.bf16 and not bf16_supported(self.use_cpu):
+            logger.warning("bf16 was asked for but this device has no bf16 support: training in float32")
+            self.bf16 = False
+        super().__post_init__()
+
+
+def bf16_supported(use_cpu: bool = False) -> bool:
+    """Whether mixed-precision bf16 training runs natively here (a CUDA/XPU device with bf16)."""
+    if use_cpu:
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
 def as_sft_config(args: SDFTConfig, **overrides) -> SDFTSFTConfig:

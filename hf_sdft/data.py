@@ -305,28 +305,32 @@ def load_recovery_data(rec, tokenizer, default_model: bool) -> RecoveryData:
                     f"no {role} data: set dataset_name or {role}_file (the shipped data only fits the embedded model)"
                 )
             data_file = default_data_file(defaults[role])
-        split = "validation" if role.endswith("eval") else "train"
+        split = rec.dataset_test_split if role.endswith("eval") else rec.dataset_train_split
         return load_examples(dataset_name=dataset_name, dataset_config_name=rec.dataset_config_name,
                              data_file=data_file, split=split, txt_sample_by=rec.txt_sample_by)
 
-    def prepare(role: str, dataset_name, data_file, train: bool):
-        ds = examples(role, dataset_name, data_file)
-        fmt = data_format(ds, rec.dataset_text_field)
+    def prepare(ds: Dataset, fmt: str, train: bool):
         if not train:
-            return fmt, held_out(tokenizer, ds, fmt, block_size=rec.block_size, max_items=rec.max_eval_blocks,
-                                 probe_items=rec.probe_blocks, text_field=rec.dataset_text_field,
-                                 batch_size=rec.eval_batch_size)
+            return held_out(tokenizer, ds, fmt, block_size=rec.block_size, max_items=rec.max_eval_blocks,
+                            probe_items=rec.probe_blocks, text_field=rec.dataset_text_field,
+                            batch_size=rec.eval_batch_size)
         if fmt == "text":
-            return fmt, pack_blocks(tokenizer, texts_of(ds, rec.dataset_text_field), rec.block_size)
-        return fmt, tokenize_examples(tokenizer, ds, rec.block_size)
+            return pack_blocks(tokenizer, texts_of(ds, rec.dataset_text_field), rec.block_size)
+        return tokenize_examples(tokenizer, ds, rec.block_size)
 
-    fmt, train = prepare("train", rec.dataset_name, rec.train_file, train=True)
-    eval_fmt, evaluation = prepare("eval", rec.dataset_name, rec.eval_file, train=False)
-    if eval_fmt != fmt:
-        raise ValueError(f"the training data is {fmt} but the held-out data is {eval_fmt}: give both in one format")
+    def pair(prefix: str, dataset_name: str | None) -> tuple:
+        """(train, held-out) of one task, checked to share a format before any tokenization."""
+        files = getattr(rec, f"{prefix}train_file"), getattr(rec, f"{prefix}eval_file")
+        train, test = (examples(f"{prefix}{role}", dataset_name, f) for role, f in zip(("train", "eval"), files))
+        fmt, test_fmt = data_format(train, rec.dataset_text_field), data_format(test, rec.dataset_text_field)
+        if fmt != test_fmt:
+            raise ValueError(f"the {prefix}training data is {fmt} but the held-out data is {test_fmt}: "
+                             "give both in one format")
+        return fmt, prepare(train, fmt, True), prepare(test, fmt, False)
+
+    fmt, train, evaluation = pair("", rec.dataset_name)
     data = RecoveryData(fmt=fmt, train=train, eval=evaluation)
     if rec.uses_narrow_task:
-        _, data.narrow_train = prepare("narrow_train", rec.narrow_dataset_name, rec.narrow_train_file, train=True)
-        _, data.narrow_eval = prepare("narrow_eval", rec.narrow_dataset_name, rec.narrow_eval_file, train=False)
+        _, data.narrow_train, data.narrow_eval = pair("narrow_", rec.narrow_dataset_name)
     return data
 

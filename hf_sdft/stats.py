@@ -36,7 +36,7 @@ def build_stats(rec, args, model_args, model_path, student, teacher_m, before, a
             * args.gradient_accumulation_steps * args.world_size * rec.block_size,
             "lora": bool(model_args.use_peft), "lora_r": model_args.lora_r if model_args.use_peft else None,
         },
-        "data": {k: v for k, v in asdict(rec).items() if k.endswith(("_file", "_name")) and v is not None},
+        "data": {k: v for k, v in asdict(rec).items() if k.endswith(("_file", "_name", "_split")) and v is not None},
         "perplexity": {"teacher": teacher_m["ppl"], "degraded": before["ppl"], "recovered": after["ppl"]},
         "recovery_ratio": recovery_ratio(teacher_m["ppl"], before["ppl"], after["ppl"]),
         "cka": {"before": before["cka"], "after": after["cka"], "mean_before": before["cka_mean"],

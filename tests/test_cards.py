@@ -16,7 +16,8 @@ from hf_sdft.compress.quantize import load_quantized
 from hf_sdft.data import as_batches, load_texts, pack_blocks
 from hf_sdft.evaluation import perplexity
 from hf_sdft.plots import PIXELS
-from hf_sdft.recover import RecoveryArguments, RecoveryConfig, run_recovery
+from hf_sdft.config import RecoveryArguments, RecoveryConfig
+from hf_sdft.recover import run_recovery
 
 from .helpers import make_texts, make_tokenizer, write_tiny_inputs
 

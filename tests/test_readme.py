@@ -33,7 +33,8 @@ def test_embedded_default_ships_model_and_text():
         assert (Path(default_model_path()) / f).exists()
     size = sum(p.stat().st_size for p in Path(default_model_path()).iterdir())
     assert size <= 15 * 2**20
-    for split in ("train", "eval", "narrow_train", "narrow_eval"):
+    for split in ("train", "eval", "narrow_train", "narrow_eval", "chat_train", "chat_eval", "narrow_chat_train",
+                  "narrow_chat_eval"):
         assert Path(default_data_file(split)).stat().st_size > 10_000
 
 

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 from hf_sdft.cli import _recipe_parser
 from hf_sdft.compress.prune import masks_from_zeros, sparsity_report
 from hf_sdft.compress.quantize import load_quantized
-from hf_sdft.recover import STATS_FILE, RecoveryArguments, run_recovery
+from hf_sdft.cards import STATS_FILE
+from hf_sdft.config import RecoveryArguments
+from hf_sdft.recover import run_recovery
 
 from .helpers import make_texts, make_tokenizer, write_tiny_inputs
 
@@ -58,11 +60,11 @@ def test_quanto_recovery_saves_an_identical_quantized_student(tiny, tmp_path):
     assert saved["format"] == "quanto" and saved["degradation"]["weights"] == "int2"
     model = load_by_card_code(saved, tmp_path)
     from hf_sdft.evaluation import perplexity
-    from hf_sdft.recover import load_data
+    from hf_sdft.data import load_recovery_data
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
-    data = load_data(rec, make_tokenizer(), default_model=False)
-    assert perplexity(model, data.eval_batches) == pytest.approx(saved["perplexity"]["recovered"], rel=1e-6)
+    data = load_recovery_data(rec, make_tokenizer(), default_model=False)
+    assert perplexity(model, data.eval.batches) == pytest.approx(saved["perplexity"]["recovered"], rel=1e-6)
     assert torch.equal(logits(model, tiny), logits(load_quantized(tmp_path), tiny))
 
 
@@ -90,14 +92,15 @@ def test_quanto_lora_student_keeps_adapters_on_a_quantized_base(tiny, tmp_path):
     assert stats["format"] == "quanto+lora"
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "quantized_base" / "quanto_qmap.json").exists()
     model = load_by_card_code(stats, tmp_path)
-    from hf_sdft.evaluation import load_model, perplexity
-    from hf_sdft.recover import load_data
+    from hf_sdft.data import load_recovery_data
+    from hf_sdft.evaluation import perplexity
+    from hf_sdft.student import load_model
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
-    data = load_data(rec, make_tokenizer(), default_model=False)
-    assert perplexity(model, data.eval_batches) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-5)
+    data = load_recovery_data(rec, make_tokenizer(), default_model=False)
+    assert perplexity(model, data.eval.batches) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-5)
     # hf-sdft eval and the metric modules load the same quantized base + adapters
-    assert perplexity(load_model(str(tmp_path)), data.eval_batches) == pytest.approx(
+    assert perplexity(load_model(str(tmp_path)), data.eval.batches) == pytest.approx(
         stats["perplexity"]["recovered"], rel=1e-5)
 
 
