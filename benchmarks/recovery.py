@@ -1,165 +1,181 @@
-"""Recovery benchmark on the embedded default model: every recipe, one fixed budget, three ways.
+"""Recovery benchmark on two unlike models: every recipe, one fixed budget, three ways.
 
-    python benchmarks/recovery.py                  # all recipes (~40 min on 2 CPU cores)
-    python benchmarks/recovery.py --recipes quanto-int4 --max_steps 100 --update   # redo one table
+    python benchmarks/recovery.py                               # both models, all recipes
+    python benchmarks/recovery.py --models second --recipes prune-50 --update   # redo one table
 
-For each recipe the same degraded student, data, steps and learning rate are recovered by
-(1) plain CE fine-tuning, (2) KD only, (3) KD + CKA regulariser. First it reports what each
-degradation costs before any training. Writes ``benchmarks/results/recovery.md`` and
-``recovery.json``. Times are measured side by side in one run and reported as ratios to
-the plain-CE row of the same recipe.
+Models: ``embedded`` (the 1.1M Llama shipped in hf_sdft/default_model, KJV text) and ``second``
+(tests/assets/second_model: a Qwen2-architecture model on another public-domain corpus, its
+.txt data split into its training documents with ``--txt_sample_by paragraph``). Each recipe of
+``recipes/`` runs with small-model overrides (100 steps × 8 × 128 tokens, fp32, the model's
+learning rate) and the same degraded student is recovered by (1) plain CE fine-tuning through
+the job (``--kd_ratio 0``), (2) the job's self-distillation (forward KL), (3) a bare forward-KL
+loop written here (AdamW, no Trainer, same batches, schedule and learning rate). Writes
+``benchmarks/results/recovery.md`` and ``recovery.json``; every row carries its command.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
+import shlex
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
 
 from hf_sdft.cli import _recipe_parser
-from hf_sdft.data import as_batches, default_model_path
-from hf_sdft.evaluation import perplexity
-from hf_sdft.recover import RecoveryArguments, load_data, run_recovery
+from hf_sdft.evaluation import measure, recovery_ratio
+from hf_sdft.recover import load, make_student, run_recovery
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TARGETS = {"quanto-int4": 0.9, "quanto-int2": 0.7, "prune-50": 0.7, "prune-2of4": 0.5, "forgetting": 0.8,
-           "forgetting-prevent": 0.8}
-METHODS = {  # name: overrides on top of the recipe
-    "plain CE": ["--kd_ratio", "0.0", "--cka_weight", "0.0"],
-    "KD": ["--kd_ratio", "1.0", "--cka_weight", "0.0"],
-    "KD + CKA": ["--kd_ratio", "1.0", "--cka_weight", "0.1"],
-}
-PREVENT_METHODS = {  # forgetting-prevent: the narrow task itself is trained, CE is always on
-    "plain CE": ["--kd_ratio", "0.0", "--cka_weight", "0.0"],
-    "KD": ["--kd_ratio", "0.5", "--cka_weight", "0.0"],
-    "KD + CKA": ["--kd_ratio", "0.5", "--cka_weight", "0.1"],
-}
-COSTS = [  # degradation options whose cost is reported before any training
-    ("int8", ["--degradation", "quanto", "--quant_weights", "int8"]),
-    ("int4, quanto default groups (128)", ["--degradation", "quanto", "--quant_weights", "int4", "--quant_group_size", "auto"]),
-    ("int4, groups of 32", ["--degradation", "quanto", "--quant_weights", "int4", "--quant_group_size", "32"]),
-    ("int4, one scale per channel", ["--degradation", "quanto", "--quant_weights", "int4", "--quant_group_size", "channel"]),
-    ("int2, groups of 32", ["--degradation", "quanto", "--quant_weights", "int2", "--quant_group_size", "32"]),
-    ("50% unstructured, magnitude", ["--degradation", "prune", "--prune_method", "magnitude"]),
-    ("50% unstructured, Wanda", ["--degradation", "prune", "--prune_method", "wanda"]),
-    ("2:4, magnitude", ["--degradation", "prune", "--prune_pattern", "2:4", "--prune_method", "magnitude"]),
-    ("2:4, Wanda", ["--degradation", "prune", "--prune_pattern", "2:4", "--prune_method", "wanda"]),
+SECOND = ROOT / "tests" / "assets" / "second_model"
+TARGETS = {"quanto-int2": 0.7, "prune-50": 0.8, "prune-2of4": 0.6, "forgetting": 0.9}
+BUDGET = [  # 100 steps × 8 × 128 tokens on CPU, the same for every model and method
+    "--max_steps", "100", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--block_size", "128",
+    "--bf16", "false", "--gradient_checkpointing", "false", "--warmup_steps", "10", "--save_strategy", "no",
+    "--disable_tqdm", "true", "--logging_steps", "50", "--cka_every_n_steps", "50", "--forgetting_steps", "200",
 ]
+MODELS = {  # name: (flags choosing the model, its data and learning rate; the narrow task's flags)
+    "embedded": (["--learning_rate", "1e-3", "--forgetting_learning_rate", "1e-3"], []),
+    "second": (["--model_name_or_path", str(SECOND / "model"), "--train_file", str(SECOND / "data" / "train.txt"),
+                "--eval_file", str(SECOND / "data" / "eval.txt"), "--txt_sample_by", "paragraph",
+                "--learning_rate", "1e-3", "--forgetting_learning_rate", "1e-3"],
+               ["--narrow_train_file", str(SECOND / "data" / "narrow_train.txt"),
+                "--narrow_eval_file", str(SECOND / "data" / "narrow_eval.txt")]),
+}
+METHODS = ("plain CE", "KD (hf-sdft)", "bare KD loop")
 
 
-def parse(argv: list[str]):
-    return _recipe_parser().parse_args_and_config(argv)
+def argv_for(model: str, recipe: str, method: str, out: Path) -> list[str]:
+    flags, narrow = MODELS[model]
+    loss = ["--kd_ratio", "0.0"] if method == "plain CE" else ["--kd_ratio", "1.0"]
+    return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow if recipe == "forgetting" else []), *BUDGET,
+            *loss, "--output_dir", str(out)]
 
 
-def degradation_costs() -> list[dict]:
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    teacher = AutoModelForCausalLM.from_pretrained(default_model_path())
-    data = load_data(RecoveryArguments(), tokenizer, default_model=True)
-    base = perplexity(teacher, data.eval_batches)
-    rows = []
-    for label, flags in COSTS:
-        rec = parse(flags)[0]
-        student = copy.deepcopy(teacher)
-        rec.build_degradation().apply(student, calibration=as_batches(data.train.select(range(rec.calibration_blocks)), 4))
-        ppl = perplexity(student, data.eval_batches)
-        rows.append({"degradation": label, "ppl_teacher": base, "ppl_degraded": ppl, "increase": ppl / base - 1})
-        print(f"cost  {label:<36} ppl {base:.3f} -> {ppl:.3f}", flush=True)
-    return rows
+def command(argv: list[str]) -> str:
+    return "hf-sdft recover " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
 
 
-def run(recipe: str, method: str, flags: list[str], max_steps: int, out: Path) -> dict:
-    config = "forgetting" if recipe.startswith("forgetting") else recipe
-    extra = ["--forgetting_mode", "prevent"] if recipe == "forgetting-prevent" else []
-    argv = ["--config", str(ROOT / "recipes" / f"{config}.yaml"), *extra, *flags, "--max_steps", str(max_steps),
-            "--output_dir", str(out / recipe / method.replace(" ", "").replace("+", "_")), "--save_strategy", "no",
-            "--disable_tqdm", "true", "--logging_steps", "50"]
-    if recipe == "forgetting-prevent":
-        argv += ["--forgetting_steps", str(max_steps)]
-    rec, args, model_args = parse(argv)
-    torch.manual_seed(args.seed)
+def job(argv: list[str]) -> dict:
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     t0 = time.time()
     stats = run_recovery(rec, args, model_args)
-    stats["bench_seconds"] = time.time() - t0
-    print(f"run   {recipe:<20} {method:<9} R={stats['recovery_ratio']} ppl={stats['perplexity']} "
-          f"cka {stats['cka']['mean_before']:.4f}->{stats['cka']['mean_after']:.4f} {stats['bench_seconds']:.0f}s", flush=True)
-    return stats
+    return {"R": stats["recovery_ratio"], "ppl": stats["perplexity"], "cka_before": stats["cka"]["mean_before"],
+            "cka_after": stats["cka"]["mean_after"], "seconds": time.time() - t0, "command": command(argv),
+            "degradation": stats["degradation"], "narrow": stats.get("narrow_perplexity")}
 
 
-def fmt(x, digits=3):
+def bare_kd_loop(argv: list[str]) -> dict:
+    """The 40-line baseline: the job's own degraded student, then AdamW on forward KL."""
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    original = load(rec, model_args)
+    teacher_ppl = measure(original.model, None, original.data)["ppl"]
+    student = make_student(original, rec, args, model_args)
+    teacher = original.model.requires_grad_(False).eval()
+    degraded_ppl = measure(student.model, None, original.data)["ppl"]
+    model, masks = student.model.train(), student.masks or {}
+    pruned = {n: ~m for n, m in masks.items()}
+    modules = dict(model.named_modules())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                            weight_decay=args.weight_decay)
+    steps, warmup = args.max_steps, args.get_warmup_steps(args.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+        1 + math.cos(math.pi * min(max(s - warmup, 0), steps) / max(1, steps - warmup))))
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(steps):
+        idx = torch.randint(len(original.data.train), (args.per_device_train_batch_size,), generator=g).tolist()
+        rows = original.data.train.select(idx)
+        ids = torch.tensor(rows["input_ids"])
+        labels = torch.tensor(rows["labels"])[:, 1:]
+        keep = labels != -100
+        with torch.no_grad():
+            t = F.log_softmax(teacher(input_ids=ids).logits[:, :-1][keep].float(), -1)
+        s = F.log_softmax(model(input_ids=ids).logits[:, :-1][keep].float(), -1)
+        loss = (t.exp() * (t - s)).sum(-1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step(), sched.step(), opt.zero_grad()
+        with torch.no_grad():
+            for name, drop in pruned.items():
+                modules[name].weight.masked_fill_(drop, 0)
+    after = measure(model, teacher, original.data)
+    return {"R": recovery_ratio(teacher_ppl, degraded_ppl, after["ppl"]),
+            "ppl": {"teacher": teacher_ppl, "degraded": degraded_ppl, "recovered": after["ppl"]},
+            "cka_before": None, "cka_after": after["cka_mean"], "seconds": time.time() - t0,
+            "command": "bare_kd_loop() in benchmarks/recovery.py, student as in: " + command(argv), "narrow": None}
+
+
+def fmt(x, digits=3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def write_report(costs: list[dict], runs: dict, max_steps: int) -> None:
+def write_report(runs: dict) -> None:
     lines = [
-        "# Recovery benchmark (embedded default model)", "",
-        f"Command: `python benchmarks/recovery.py --max_steps {max_steps}`. Every row of a table starts from the same "
-        "degraded student and uses the same data, steps, batch and learning rate; only the loss differs. "
-        "R = (ppl_degraded − ppl_recovered) / (ppl_degraded − ppl_teacher); time is the whole run "
-        "(degrade, measure, train, measure) as a ratio to the plain-CE row of the same table, measured in this run.", "",
-        "## What each degradation costs (no training)", "",
-        "| degradation | teacher ppl | degraded ppl | increase |", "|---|---|---|---|",
+        "# Recovery benchmark: two models, every recipe, 100 steps × 8 × 128 tokens", "",
+        "Command: `python benchmarks/recovery.py`. In each table every row starts from the same degraded student "
+        "(same seed) and uses the same data, batches per step, schedule (cosine, 10 warm-up steps) and learning rate; "
+        "only the loss and the training loop differ. R = (ppl_degraded − ppl_recovered) / (ppl_degraded − "
+        "ppl_teacher), perplexity on held-out text read as the model was trained. Time: the whole run (load, degrade, "
+        "measure, train, measure) as a ratio to the plain-CE row, measured in this run.", "",
     ]
-    lines += [f"| {r['degradation']} | {r['ppl_teacher']:.3f} | {r['ppl_degraded']:.3f} | {100 * r['increase']:.1f}% |"
-              for r in costs]
-    for recipe, methods in runs.items():
-        first = next(iter(methods.values()))
-        lines += ["", f"## {recipe} — target R ≥ {TARGETS[recipe]}", "", f"Degradation: `{json.dumps(first['degradation'])}`", ""]
-        narrow = "narrow_perplexity" in first
-        head = "| method | teacher ppl | degraded ppl | recovered ppl | R | mean CKA before | mean CKA after |"
-        head += " narrow ppl (degraded → recovered) |" if narrow else ""
-        head += " time ratio |"
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        ce_time = methods["plain CE"]["bench_seconds"]
-        for method, s in methods.items():
-            p, c = s["perplexity"], s["cka"]
-            row = (f"| {method} | {p['teacher']:.3f} | {p['degraded']:.3f} | {p['recovered']:.3f} | "
-                   f"{fmt(s['recovery_ratio'])} | {c['mean_before']:.4f} | {c['mean_after']:.4f} |")
-            if narrow:
-                n = s["narrow_perplexity"]
-                row += f" {n['degraded']:.3f} → {n['recovered']:.3f} |"
-            row += f" {s['bench_seconds'] / ce_time:.2f} |"
-            lines.append(row)
+    for model, recipes in runs.items():
+        lines += [f"## {model} model", ""]
+        lines += ["| recipe | method | teacher ppl | degraded ppl | recovered ppl | R | target | mean CKA after |"
+                  " time ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for recipe, methods in recipes.items():
+            ce = methods["plain CE"]["seconds"]
+            for method, r in methods.items():
+                p = r["ppl"]
+                lines.append(f"| {recipe} | {method} | {p['teacher']:.3f} | {p['degraded']:.3f} | {p['recovered']:.3f} "
+                             f"| {fmt(r['R'])} | {TARGETS[recipe]} | {fmt(r['cka_after'], 4)} | {r['seconds'] / ce:.2f} |")
+        lines += ["", "Verdicts:", ""]
+        for recipe, methods in recipes.items():
+            kd = methods["KD (hf-sdft)"]["R"] or 0
+            beats = [m for m in ("plain CE", "bare KD loop") if kd > (methods[m]["R"] or 0)]
+            lines.append(f"- {recipe}: R = {kd:.3f}, target {TARGETS[recipe]} "
+                         f"{'met' if kd >= TARGETS[recipe] else 'NOT met'}; beats "
+                         f"{' and '.join(beats) if beats else 'neither baseline'}"
+                         f"{'' if len(beats) == 2 else ' (does not beat ' + ', '.join(m for m in ('plain CE', 'bare KD loop') if m not in beats) + ')'}.")
+        lines += ["", "Commands:", ""]
+        lines += [f"- {recipe}, {method}: `{r['command']}`" for recipe, methods in recipes.items()
+                  for method, r in methods.items()]
         lines.append("")
-        for method in ("KD", "KD + CKA"):
-            r = methods[method]["recovery_ratio"]
-            verdict = "met" if r is not None and r >= TARGETS[recipe] else f"NOT met, short by {TARGETS[recipe] - (r or 0):.3f}"
-            lines.append(f"- {method}: R = {fmt(r)} — target {TARGETS[recipe]} {verdict}; "
-                         f"{'beats' if (r or 0) > (methods['plain CE']['recovery_ratio'] or 0) else 'does NOT beat'} "
-                         "plain CE.")
     discussion = ROOT / "benchmarks" / "discussion.md"  # hand-written reading of the numbers
     if discussion.exists():
-        lines += ["", discussion.read_text()]
+        lines += [discussion.read_text()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recovery.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "recovery.json").write_text(json.dumps({"costs": costs, "runs": runs, "max_steps": max_steps}, indent=2))
+    (RESULTS / "recovery.json").write_text(json.dumps(runs, indent=2))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--recipes", nargs="*", default=list(TARGETS))
-    p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--out", default="/tmp/hf-sdft-bench")
-    p.add_argument("--update", action="store_true",
-                   help="keep the other recipes' tables from results/recovery.json (each table is still one run)")
+    p.add_argument("--update", action="store_true", help="keep the other tables from results/recovery.json")
     p.add_argument("--report_only", action="store_true", help="rewrite recovery.md from recovery.json, run nothing")
     a = p.parse_args()
     previous = RESULTS / "recovery.json"
-    if a.report_only:
-        saved = json.loads(previous.read_text())
-        write_report(saved["costs"], saved["runs"], saved.get("max_steps", a.max_steps))
-        return
-    costs = degradation_costs()
-    runs: dict[str, dict] = json.loads(previous.read_text())["runs"] if a.update and previous.exists() else {}
-    for recipe in a.recipes:
-        methods = PREVENT_METHODS if recipe == "forgetting-prevent" else METHODS
-        runs[recipe] = {m: run(recipe, m, flags, a.max_steps, Path(a.out)) for m, flags in methods.items()}
-        write_report(costs, runs, a.max_steps)  # keep partial results
+    runs: dict = json.loads(previous.read_text()) if (a.update or a.report_only) and previous.exists() else {}
+    if not a.report_only:
+        for model in a.models:
+            for recipe in a.recipes:
+                results = {}
+                for method in METHODS:
+                    argv = argv_for(model, recipe, method, Path(a.out) / model / recipe / method.replace(" ", "_"))
+                    results[method] = bare_kd_loop(argv) if method == "bare KD loop" else job(argv)
+                    print(f"{model:<9} {recipe:<11} {method:<13} R={fmt(results[method]['R'])} "
+                          f"ppl={results[method]['ppl']} {results[method]['seconds']:.0f}s", flush=True)
+                runs.setdefault(model, {})[recipe] = results
+                write_report(runs)  # keep partial results
+    write_report(runs)
     print((RESULTS / "recovery.md").read_text())
 
 
