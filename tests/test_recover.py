@@ -206,3 +206,39 @@ class TestBadInput:
     def test_bad_degradation_options(self, tiny, tmp_path, flags, msg):
         with pytest.raises(ValueError, match=msg):
             recover(tiny, tmp_path, *flags)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_runs_with_its_real_model_settings(tiny, tmp_path, recipe):
+    """Each recipe as shipped (accumulation, gradient checkpointing, warm-up ratio, bf16 → float32
+    on this CPU) on the tiny model; only the model, data, length and budget are overridden."""
+    rec, args, _ = _recipe_parser().parse_args_and_config(["--config", str(recipe)])
+    assert args.learning_rate <= 2e-5 and args.gradient_accumulation_steps > 1 and args.gradient_checkpointing
+    narrow = ["--narrow_train_file", str(tiny / "narrow_train.txt"), "--narrow_eval_file", str(tiny / "narrow_eval.txt"),
+              "--forgetting_steps", "2"] if rec.degradation == "forgetting" else []
+    default_data = ["--default_data", "text"] if rec.default_data == "chat" else []
+    stats, args = recover(tiny, tmp_path, "--config", str(recipe), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                          *narrow, *default_data)
+    assert stats["recovery"]["steps"] == 2 and args.gradient_accumulation_steps == 8 and not args.bf16
+    assert stats["recovery"]["tokens_seen"] == 2 * 2 * 8 * 32
+
+
+@pytest.mark.parametrize("mode", ["recover", "prevent"])
+def test_chat_forgetting_recipe_on_the_embedded_model(tmp_path, mode):
+    """recipes/forgetting-chat.yaml end to end: narrow chat SFT, then recovery on general chat
+    (completion-only KD through SDFTSFTTrainer), with the embedded model's small-model settings."""
+    argv = ["--config", "recipes/forgetting-chat.yaml", "--forgetting_mode", mode, "--output_dir", str(tmp_path),
+            "--block_size", "128", "--learning_rate", "1e-3", "--forgetting_learning_rate", "1e-3",
+            "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--gradient_checkpointing",
+            "false", "--max_steps", "20", "--forgetting_steps", "20", "--max_eval_blocks", "48", "--probe_blocks", "8",
+            "--disable_tqdm", "true", "--save_strategy", "no", "--cka_every_n_steps", "10"]
+    if mode == "prevent":
+        argv += ["--kd_ratio", "0.5"]
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    stats = run_recovery(rec, args, model_args)
+    p, narrow = stats["perplexity"], stats["narrow_perplexity"]
+    if mode == "recover":
+        assert narrow["degraded"] < narrow["teacher"] and p["degraded"] > p["teacher"]  # learned, and forgot
+        assert stats["recovery_ratio"] > 0.5
+    else:  # one run: the narrow task learned while general chat stays near the original
+        assert narrow["recovered"] < narrow["teacher"] and p["recovered"] < p["degraded"]
