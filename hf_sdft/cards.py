@@ -27,7 +27,25 @@ DEGRADATION_LABELS = {
     "quantized_layers": "quantized layers", "exclude": "kept in float", "sparsity": "target sparsity",
     "pattern": "sparsity pattern", "method": "pruning score", "measured_sparsity": "measured sparsity",
     "mode": "mode", "sft_steps": "narrow-task SFT steps", "sft_learning_rate": "narrow-task SFT learning rate",
+    "student": "student checkpoint", "quantization": "quantization", "adapters": "adapters",
+    "total": "measured sparsity", "layers": "pruned layers", "kept": "zeros kept exactly",
 }
+
+
+def degradation_rows(degradation: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of ``sdft_stats.json``'s degradation; what was detected in your own
+    student (sparsity, quantization, adapters) is spelled out one level down."""
+    rows = []
+    for key, value in degradation.items():
+        if key == "kind":
+            continue
+        if key == "layers" and isinstance(value, dict):
+            rows.append((DEGRADATION_LABELS[key], str(len(value))))
+        elif isinstance(value, dict):
+            rows += [(f"{key}: {label}", text) for label, text in degradation_rows(value)]
+        else:
+            rows.append((DEGRADATION_LABELS.get(key, key), _show(value)))
+    return rows
 
 
 def template_path() -> Path:
@@ -154,8 +172,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
         card_data, template_path=str(template_path()),
         model_name=model_name, stats=stats, hub_base=hub_base,
         base_name=hub_base or _local_name(base),
-        degradation_rows=[(DEGRADATION_LABELS.get(k, k), _show(v)) for k, v in stats["degradation"].items()
-                          if k != "kind"],
+        degradation_rows=degradation_rows(stats["degradation"]),
         cka_rows=[(int(k), cka_before[k], cka_after.get(k)) for k in sorted(cka_before, key=int)],
         eval_name=_eval_source(stats["data"], "")["dataset_name"],
         plots=_linked_plots(output_dir),

@@ -82,6 +82,8 @@ def test_pruned_checkpoint_keeps_its_zeros(tiny, tmp_path, lora):
     assert sparsity["pattern"] == "2:4" and sparsity["kept"] and set(sparsity["layers"]) == set(masks)
     assert all(v == pytest.approx(0.5) for v in sparsity["layers"].values())
     assert "pruned" in stats["tags"] and "2:4" in stats["tags"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Degradation (detected in the student)" in card and "| sparsity: sparsity pattern | 2:4 |" in card
     recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert closer(tiny, AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), recovered)
     for name, mask in masks_from_zeros(recovered).items():
