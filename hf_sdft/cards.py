@@ -130,6 +130,10 @@ def _eval_results(stats: dict) -> list[EvalResult]:
             out.append(EvalResult(task_type="text-generation", metric_type="perplexity", metric_value=value,
                                   metric_name=f"{'narrow-task ' if prefix else ''}perplexity ({model})",
                                   **_eval_source(stats["data"], prefix)))
+    for model, tasks in stats.get("downstream", {}).items():  # lm-evaluation-harness scores
+        out += [EvalResult(task_type="text-generation", metric_type=metric, metric_value=value,
+                           metric_name=f"{task} {metric} ({model})", dataset_type=task, dataset_name=task)
+                for task, metrics in tasks.items() for metric, value in metrics.items() if "stderr" not in metric]
     return out
 
 

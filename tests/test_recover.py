@@ -242,3 +242,24 @@ def test_chat_forgetting_recipe_on_the_embedded_model(tmp_path, mode):
         assert stats["recovery_ratio"] > 0.5
     else:  # one run: the narrow task learned while general chat stays near the original
         assert narrow["recovered"] < narrow["teacher"] and p["recovered"] < p["degraded"]
+
+
+def test_eval_tasks_score_teacher_degraded_and_recovered(tmp_path):
+    """eval_tasks runs lm-evaluation-harness offline on the shipped task; the scores reach the
+    stats, the printed table and the card's model-index."""
+    pytest.importorskip("lm_eval")
+    from huggingface_hub import ModelCard
+
+    from hf_sdft.stats import format_table
+
+    argv = ["--output_dir", str(tmp_path), "--max_steps", "2", "--max_eval_blocks", "16", "--probe_blocks", "4",
+            "--eval_tasks", "sdft_kjv_nextline", "--eval_limit", "12", "--disable_tqdm", "true"]
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    stats = run_recovery(rec, args, model_args)
+    scores = stats["downstream"]
+    assert set(scores) == {"teacher", "degraded", "recovered"}
+    for model in scores.values():
+        assert 0.0 <= model["sdft_kjv_nextline"]["acc"] <= 1.0
+    assert "sdft_kjv_nextline acc (recovered)" in format_table(stats)
+    results = ModelCard.load(tmp_path / "README.md").data.eval_results
+    assert {r.metric_name for r in results} >= {f"sdft_kjv_nextline acc ({m})" for m in scores}
