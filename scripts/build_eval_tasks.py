@@ -1,7 +1,8 @@
-"""Build a next-sentence multiple-choice task for lm-evaluation-harness from a plain text file.
+"""Build a next-sentence multiple-choice task for lm-evaluation-harness from a text corpus.
 
-Each non-empty line of the input is one document (the format of
-``hf_sdft/default_data/eval.jsonl``, one King James chapter a row; any .txt/.jsonl input). An item shows up to
+The input is read by ``hf_sdft.data.load_texts``: a ``.jsonl`` with one document a row (as
+``hf_sdft/default_data/eval.jsonl``, the held-out King James chapters) or a ``.txt`` split
+into documents by ``--txt_sample_by`` (one a line by default). An item shows up to
 ``--context_sentences`` consecutive sentences of a document and asks for the sentence that
 follows, among 4 options: the true one and 3 distractors, sentences of similar length taken
 from *other* documents. Everything is seeded, so rebuilding gives the same files.
@@ -100,17 +101,10 @@ def build_items(docs: list[str], n: int, seed: int, context_sentences: int) -> l
     return items
 
 
-def read_documents(path: str, text_field: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if path.endswith(".jsonl"):
-        lines = [json.loads(line)[text_field] for line in lines if line.strip()]
-    return [" ".join(doc.split()) for doc in lines if doc.strip()]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default=str(ROOT / "hf_sdft" / "default_data" / "eval.jsonl"),
-                        help="text file, one document a line (default: the held-out King James chapters)")
+                        help=".jsonl (one document a row) or .txt (see --txt_sample_by); default: the held-out KJV chapters")
     parser.add_argument("--name", default="kjv", help="task name is sdft_<name>_nextline")
     parser.add_argument("--n", type=int, default=200, help="number of items")
     parser.add_argument("--seed", type=int, default=0)
