@@ -105,8 +105,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     student = make_student(original, rec, args, model_args)
     original.model.requires_grad_(False).eval()
     before = measure(student.model, original.model, original.data)
-    downstream = {"teacher": original.model, "degraded": student.model}
-    scores = downstream_scores(rec, original.tokenizer, downstream)  # before training changes the student
+    scores = downstream_scores(rec, original.tokenizer, {"teacher": original.model, "degraded": student.model})
     trainer = train(student, original, rec, args, model_args)
     after = measure(student.model, original.model, original.data)
     scores |= downstream_scores(rec, original.tokenizer, {"recovered": student.model})

@@ -162,7 +162,8 @@ def own_student(rec, teacher: nn.Module, tokenizer, use_peft: bool) -> Student:
             described["sparsity"] = sparsity | {"kept": rec.keep_sparsity}
             tags += ["pruned", sparsity["pattern"]]
             if rec.keep_sparsity:
-                student.masks = {name: prunable_layers(base)[name].weight.detach() != 0 for name in sparsity["layers"]}
+                layers = prunable_layers(base)
+                student.masks = {name: layers[name].weight.detach() != 0 for name in sparsity["layers"]}
     if not is_peft(model):
         model.requires_grad_(True)
     return student
