@@ -15,6 +15,9 @@ from .data import DEFAULT_SPLITS, TXT_SAMPLE_BY
 from .losses import LOSS_TYPES
 
 
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def parse_layers(value) -> str | list[int]:
     """``"all"``, a list of ints, or a comma-separated string ``"0,2,3"`` → ``"all"`` or ``list[int]``."""
     if value is None or value == "all":
@@ -51,7 +54,21 @@ class SDFTArguments:
         default="all", metadata={"help": "'all' or decoder-layer indices ('0,2,3' or a YAML list) for the CKA loss."}
     )
     kd_chunk_size: int | None = field(
-        default=None, metadata={"help": "Positions per chunk in the KD loss, to cap float32 logits memory."}
+        default=None, metadata={"help": "Positions per chunk in the KD loss, to cap float32 logits memory "
+                                "(fused: default sized from the vocabulary and hidden size)."}
+    )
+    kd_fused: bool = field(
+        default=True,
+        metadata={"help": "Apply the output heads inside the loss, chunk by chunk, so that no (tokens × vocabulary) "
+                  "logits exist (when both models have a plain linear head); false = the model's own logits."},
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": f"dtype of the online teacher: {', '.join(TEACHER_DTYPES)} (auto = bfloat16 where the "
+                  "device supports it, else the student's dtype)."},
+    )
+    teacher_device: str | None = field(
+        default=None, metadata={"help": "Device of the online teacher (e.g. cuda:1 or cpu); default: the student's."}
     )
 
     def __post_init__(self):
@@ -67,8 +84,16 @@ class SDFTArguments:
             raise ValueError(f"cka_weight={self.cka_weight} must be >= 0")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be a positive number of positions")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: choose one of {', '.join(TEACHER_DTYPES)}")
         self.cka_layers = parse_layers(self.cka_layers)
         super().__post_init__()
+
+    def resolve_teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
+        """The teacher's dtype: as set, or for ``auto`` bfloat16 where this device runs it natively, else the student's."""
+        if self.teacher_dtype == "auto":
+            return torch.bfloat16 if bf16_supported(self.use_cpu) else student_dtype
+        return getattr(torch, self.teacher_dtype)
 
 
 @dataclass

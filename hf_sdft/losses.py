@@ -138,3 +138,183 @@ def token_cross_entropy(
         return total / max(int((labels != -100).sum()), 1)
     return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
 
+
+
+def _logprob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence ``(n,)`` and its gradient ``(n, V)`` with respect to the student's
+    tempered logits, from float32 log-probabilities ``(n, V)`` (formulas of :func:`token_divergence`).
+
+    Every divergence has the gradient p_S ⊙ (a − ⟨a⟩_{p_S}) with a = ∂D/∂p_S: −p_T/p_S (forward KL,
+    which simplifies to p_S − p_T), log p_S − log p_T (reverse KL), log(p_S/M)/β (JSD).
+    """
+    if loss_type == "jsd" and beta <= 0.0:
+        loss_type = "forward_kl"
+    elif loss_type == "jsd" and beta >= 1.0:
+        loss_type = "reverse_kl"
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if loss_type == "forward_kl":
+        return (p_t * (log_t - log_s)).sum(-1), p_s - p_t
+    if loss_type == "reverse_kl":
+        a = log_s - log_t
+        div = (p_s * a).sum(-1)
+        return div, p_s * (a - div[:, None])
+    diff = log_t - log_s
+    log_t_over_m = -torch.log1p((1.0 - beta) * torch.expm1((-diff).clamp(max=_MAX_LOG_RATIO)))
+    log_s_over_m = -torch.log1p(beta * torch.expm1(diff.clamp(max=_MAX_LOG_RATIO)))
+    div = (p_t * log_t_over_m).sum(-1) / (1.0 - beta) + (p_s * log_s_over_m).sum(-1) / beta
+    a = log_s_over_m / beta
+    return div, p_s * (a - (p_s * a).sum(-1, keepdim=True))
+
+
+def fused_chunk_size(n: int, vocab: int, hidden: int) -> int:
+    """Default positions per chunk of the fused loss: a chunk's (rows, V) logits about as large as
+    the (n, hidden) hidden states, and at least 32 rows (so the head matmuls stay efficient)."""
+    return max(32, -(-n * hidden // vocab))
+
+
+class _FusedLinearDistillation(torch.autograd.Function):
+    """Forward computes the losses chunk by chunk and, in the same pass, their gradients with
+    respect to the student's hidden states, head weight and bias; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, kd_rows, labels, opts):
+        loss_type, beta, temperature, chunk, ce_grad, build = opts
+        n, vocab = hs.shape[0], ws.shape[0]
+        need = [build and t is not None and t.requires_grad for t in (hs, ws, bs)]
+        want_grad = any(need)
+        f32 = dict(dtype=torch.float32, device=hs.device)
+        sums = torch.zeros(2, **f32)  # KD sum, CE sum
+        grads = {}
+        if want_grad:
+            parts = ("kd", "ce") if (labels is not None and ce_grad) else ("kd",)
+            for part in parts:
+                grads[part] = [torch.zeros(n, hs.shape[1], **f32) if need[0] else None,
+                               torch.zeros(vocab, hs.shape[1], **f32) if need[1] else None,
+                               torch.zeros(vocab, **f32) if (bs is not None and need[2]) else None]
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            h = hs[rows]
+            z_s = F.linear(h, ws, bs).float()
+            with torch.no_grad():
+                z_t = F.linear(ht[rows], wt, bt).to(device=hs.device, dtype=torch.float32)
+            floor = torch.finfo(torch.float32).min
+            log_s = F.log_softmax(z_s / temperature, dim=-1).clamp(min=floor)
+            log_t = F.log_softmax(z_t / temperature, dim=-1).clamp(min=floor)
+            div, g_kd = _logprob_divergence(log_s, log_t, loss_type, beta)
+            w_kd = kd_rows[rows].float()
+            sums[0] += (div * w_kd).sum()
+            chunk_grads = {"kd": g_kd * (w_kd / temperature)[:, None]}  # ∂D/∂z_s = ∂D/∂(z_s/T) / T
+            if labels is not None:
+                y = labels[rows]
+                valid = y != -100
+                log_p = log_s if temperature == 1.0 else F.log_softmax(z_s, dim=-1).clamp(min=floor)
+                picked = log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]
+                sums[1] -= (picked * valid).sum()
+                if "ce" in grads:
+                    g_ce = log_p.exp()
+                    g_ce[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
+                    chunk_grads["ce"] = g_ce * valid.float()[:, None]
+            for part, (g_h, g_w, g_b) in grads.items():
+                g = chunk_grads[part]
+                if g_h is not None:
+                    g_h[rows] = (g.to(ws.dtype) @ ws).float()
+                if g_w is not None:
+                    g_w += (g.T.to(h.dtype) @ h).float()
+                if g_b is not None:
+                    g_b += g.sum(0)
+        ctx.grads = grads
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        return sums[0], sums[1]
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        out = [None, None, None]
+        for part, scale in (("kd", grad_kd), ("ce", grad_ce)):
+            if part not in ctx.grads or scale is None:
+                continue
+            for i, g in enumerate(ctx.grads[part]):
+                if g is not None:
+                    out[i] = g * scale if out[i] is None else out[i] + g * scale
+        out = [None if g is None else g.to(dtype) for g, dtype in zip(out, ctx.dtypes)]
+        ctx.grads = None
+        return (*out, None, None, None, None, None, None)
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_head_bias: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+    ce_requires_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KD (and CE) losses of the linear heads applied to hidden states, without ever building the
+    ``(N, V)`` logits: ``(kd, ce)``, float32 scalars reduced as :func:`distillation_loss` and
+    :func:`token_cross_entropy` (``ce`` is None without ``labels``).
+
+    Args:
+        student_hidden: ``(..., H_s)``; the student logits are ``student_hidden @ W_sᵀ + b_s``.
+        student_head_weight: ``(V, H_s)``; teacher_hidden ``(..., H_t)``, teacher_head_weight ``(V, H_t)``
+            (the teacher's side is never differentiated and may live on another device).
+        mask: bool ``(...)``, the positions distilled (default: all, or those with a label).
+        labels: ``(...)`` token ids for the cross-entropy, −100 = not supervised (no shift is done).
+        chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`.
+        ce_requires_grad: False when the CE is only logged (``kd_ratio = 1``): its gradient is not built.
+
+    Each chunk computes both heads' logits in the inputs' dtype, one float32 log-softmax per side
+    shared by KD and CE (at temperature 1), and the gradients of the chunk right away, so the peak
+    memory is a chunk of logits plus gradient buffers the size of the inputs.
+    """
+    check_loss_type(loss_type)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher vocabularies differ: {student_head_weight.shape[0]} vs "
+            f"{teacher_head_weight.shape[0]} rows in the output heads"
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"hidden-state positions differ: student {tuple(student_hidden.shape[:-1])}, "
+                         f"teacher {tuple(teacher_hidden.shape[:-1])}")
+    positions = student_hidden.shape[:-1]
+    for name, t in (("mask", mask), ("labels", labels)):
+        if t is not None and t.shape != positions:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match hidden-state positions {tuple(positions)}")
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if mask is not None:
+        kd_rows = mask.reshape(-1).bool()
+    elif flat_labels is not None:
+        kd_rows = flat_labels != -100
+    else:
+        kd_rows = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
+    keep = kd_rows if flat_labels is None else kd_rows | (flat_labels != -100)
+    if not bool(keep.all()):  # rows nobody supervises cost nothing
+        hs, ht, kd_rows = hs[keep], ht[keep.to(ht.device)], kd_rows[keep]
+        flat_labels = None if flat_labels is None else flat_labels[keep]
+    chunk = chunk_size or fused_chunk_size(hs.shape[0], student_head_weight.shape[0], hs.shape[1])
+    opts = (loss_type, beta, temperature, chunk, ce_requires_grad, torch.is_grad_enabled())
+    kd_sum, ce_sum = _FusedLinearDistillation.apply(
+        hs, student_head_weight, student_head_bias, ht, teacher_head_weight, teacher_head_bias, kd_rows, flat_labels, opts,
+    )
+
+    def reduce(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        if num_items_in_batch is not None:
+            return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
+        return total / count.clamp(min=1)
+
+    kd = reduce(kd_sum, kd_rows.sum()) * temperature**2
+    if flat_labels is None:
+        return kd, None
+    ce = reduce(ce_sum if ce_requires_grad else ce_sum.detach(), (flat_labels != -100).sum())
+    return kd, ce

@@ -151,3 +151,42 @@ def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[n
                 yield peft_model
         finally:
             peft_model.train(was_training)
+
+
+# config fields of models whose logits are not the plain head output (soft-capping, scaling)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_head(model: nn.Module) -> tuple[nn.Linear | None, str]:
+    """The output head of ``model`` when its logits are exactly ``head(hidden)`` (a plain
+    ``nn.Linear``, no logit soft-capping or scaling), else ``(None, why)``."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        return None, f"{type(inner).__name__} exposes no output embeddings"
+    if type(head) is not nn.Linear:
+        return None, f"its output head is a {type(head).__name__} (adapted or quantized), not a plain nn.Linear"
+    config = getattr(inner, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text, name, None)
+        if value not in (None, 1, 1.0, 0, 0.0, False):
+            return None, f"it transforms its logits ({name}={value}), which the fused loss does not apply"
+    return head, ""
+
+
+@contextlib.contextmanager
+def head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, a forward pass through ``head`` records its input as ``["hidden"]``
+    ``(B, T, H)`` and hands the head an empty slice instead, so no logits are computed."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module, args):
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

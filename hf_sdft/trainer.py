@@ -7,25 +7,31 @@ geometry) is distilled into the student.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.utils import logging
 from trl import SFTTrainer
 
 from .cka import linear_cka
-from .losses import distillation_loss, token_cross_entropy
+from .losses import distillation_loss, fused_linear_distillation_loss, token_cross_entropy
 from .teacher import (
     capture_layers,
     check_teacher,
     freeze,
-    load_teacher,
-    resolve_layers,
+    head_input,
     is_peft,
+    load_teacher,
+    plain_head,
+    resolve_layers,
     teacher_context,
 )
+
+logger = logging.get_logger(__name__)
 
 
 class SDFTMixin:
@@ -64,6 +70,7 @@ class SDFTMixin:
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
         )
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.fused_heads = self._fused_heads() if self.args.kd_fused else None
         if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
             raise ValueError(
                 "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
@@ -87,6 +94,12 @@ class SDFTMixin:
                 cb.bind(self)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher in ``teacher_dtype`` on ``teacher_device`` (sharded like the student
+        under DeepSpeed ZeRO-3 or FSDP)."""
+        student_dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = self.args.resolve_teacher_dtype(student_dtype)
+        if any(p.is_floating_point() and p.dtype != dtype for p in teacher.parameters()):
+            teacher = teacher.to(dtype)
         if self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
@@ -95,13 +108,32 @@ class SDFTMixin:
             from trl.models.utils import prepare_fsdp
 
             return freeze(prepare_fsdp(teacher, self.accelerator))
-        return freeze(teacher.to(self.accelerator.device))
+        return freeze(teacher.to(self.args.teacher_device or self.accelerator.device))
 
-    def teacher_logits_and_hidden(self, model_inputs: dict, layers) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Teacher logits ``(B, T, V)`` and hidden states of ``layers`` (no grad)."""
-        with teacher_context(self.model, self.teacher_model) as teacher, capture_layers(teacher, layers) as hidden:
-            logits = teacher(**model_inputs).logits
-        return logits, hidden
+    def _fused_heads(self) -> tuple[nn.Linear, nn.Linear] | None:
+        """(student head, teacher head) for the fused loss, or None (with the reason logged) when a
+        model's logits are not a plain linear head of its last hidden state."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            logger.warning("kd_fused: using the model's own logits under FSDP / DeepSpeed (sharded head weights)")
+            return None
+        student, why = plain_head(self.model)
+        teacher, why_t = plain_head(self.teacher_model) if self.teacher_model is not None else (student, why)
+        if student is None or teacher is None:
+            logger.warning(f"kd_fused: using the model's own logits, since the {'student' if student is None else 'teacher'}"
+                           f"'s {why or why_t}")
+            return None
+        return student, teacher
+
+    def _teacher_forward(self, model_inputs: dict, layers, head: nn.Module | None):
+        """The teacher's logits ``(B, T, V)`` (``head`` None) or the input of its ``head``
+        ``(B, T, H)``, and the hidden states of ``layers``; no grad, on the student's device."""
+        with teacher_context(self.model, self.teacher_model) as teacher, capture_layers(teacher, layers) as hidden, \
+                (head_input(head) if head is not None else contextlib.nullcontext()) as head_in:
+            device = next(teacher.parameters()).device
+            outputs = teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
+        student_device = model_inputs["input_ids"].device
+        hidden = {i: h.to(student_device) for i, h in hidden.items()}
+        return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -110,26 +142,35 @@ class SDFTMixin:
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         model_inputs["use_cache"] = False
         layers = self.cka_loss_layers
-        with capture_layers(model, layers) as student_hidden:
+        heads = self.fused_heads if not return_outputs else None  # callers asking for outputs get logits
+        s_head, t_head = heads or (None, None)
+        with capture_layers(model, layers) as student_hidden, \
+                (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
             outputs = model(**model_inputs)
-        teacher_logits, teacher_hidden = self.teacher_logits_and_hidden(model_inputs, layers)
+        teacher_out, teacher_hidden = self._teacher_forward(model_inputs, layers, t_head)
 
         shift_labels = labels[..., 1:]
         mask = shift_labels != -100
-        n_local = int(mask.sum())
-        if n_local == 0:
+        n_local = mask.sum()
+        if not bool(n_local):
             raise ValueError(
                 "a batch has no supervised token (every label is -100): check max_length/truncation, "
                 "completion_only_loss or how labels are built"
             )
-        student_logits = outputs.logits[..., :-1, :]
         denom = num_items_in_batch if num_items_in_batch is not None else n_local
-        with torch.set_grad_enabled(torch.is_grad_enabled() and args.kd_ratio < 1.0):  # else logged only
-            ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
-        kd_sum = distillation_loss(
-            student_logits, teacher_logits[..., :-1, :], mask, loss_type=args.kd_loss, beta=args.kd_beta,
-            temperature=args.kd_temperature, num_items_in_batch=1, chunk_size=args.kd_chunk_size,
-        )
+        ce_grad = torch.is_grad_enabled() and args.kd_ratio < 1.0  # else CE is logged only
+        kd_kwargs = dict(loss_type=args.kd_loss, beta=args.kd_beta, temperature=args.kd_temperature,
+                         num_items_in_batch=1, chunk_size=args.kd_chunk_size)
+        if heads is not None:
+            kd_sum, ce_sum = fused_linear_distillation_loss(
+                s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask, shift_labels,
+                student_head_bias=s_head.bias, teacher_head_bias=t_head.bias, ce_requires_grad=ce_grad, **kd_kwargs,
+            )
+        else:
+            student_logits = outputs.logits[..., :-1, :]
+            with torch.set_grad_enabled(ce_grad):
+                ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
+            kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
         token_loss = ((1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum) / denom
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
@@ -146,8 +187,8 @@ class SDFTMixin:
             weighted = args.cka_weight * cka_loss
             loss = loss + (weighted / self.current_gradient_accumulation_steps if model.training else weighted)
             metrics["cka_loss"] = cka_loss.detach()
-        for key, value in metrics.items():
-            self._sdft_metrics[mode][key].append(self.accelerator.gather(value.float().reshape(1)).mean().item())
+        for key, value in metrics.items():  # kept on the device: reduced (one sync) when logged
+            self._sdft_metrics[mode][key].append(value.float().reshape(()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -155,7 +196,11 @@ class SDFTMixin:
         if mode == "eval" or "loss" in logs:  # only the Trainer's own logging events, not a callback's
             window = self._sdft_metrics[mode]
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in window.items() if v})
+            names = [k for k, v in window.items() if v]
+            if names:  # one gather for every part: the window mean on each rank, averaged over ranks
+                means = torch.stack([torch.stack(window[k]).mean() for k in names])
+                values = self.accelerator.gather(means[None]).mean(0).tolist()
+                logs.update({f"{prefix}{k}": v for k, v in zip(names, values)})
             window.clear()
         super().log(logs, start_time)
 

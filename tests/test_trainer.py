@@ -166,7 +166,7 @@ def test_cka_loss_is_one_minus_mean_linear_cka(tmp_path, tokenizer, texts):
     batch = next(iter(trainer.get_train_dataloader()))
     student.eval()
     trainer.compute_loss(student, dict(batch))
-    got = trainer._sdft_metrics["eval"]["cka_loss"][-1]
+    got = trainer._sdft_metrics["eval"]["cka_loss"][-1].item()
     rows = batch["attention_mask"].bool()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():  # hidden_states[1] is the output of decoder layer 0

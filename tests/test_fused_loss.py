@@ -1,0 +1,198 @@
+"""fused_linear_distillation_loss against reference formulas on full logits written here
+(float64 autograd), and the trainers' fused path against their unfused one."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_sdft import SDFTConfig
+from hf_sdft.losses import fused_linear_distillation_loss
+
+from .helpers import cpu_args, make_model, make_texts, perturb
+from .test_trainer import logged, sdft_trainer
+
+
+def reference(zs, zt, mask, labels, kind, beta, temp):
+    """KD sum and CE sum (float64) from full logits ``(N, V)``, formulas of the papers."""
+    ps, pt = torch.softmax(zs / temp, -1), torch.softmax(zt / temp, -1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        d = kl(pt, ps)
+    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        d = kl(ps, pt)
+    else:
+        m = beta * pt + (1 - beta) * ps
+        d = (beta * kl(pt, m) + (1 - beta) * kl(ps, m)) / (beta * (1 - beta))
+    kd = (d * mask).sum() * temp**2
+    valid = labels != -100
+    logp = torch.log_softmax(zs, -1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    ce = -(logp * valid).sum()
+    return kd, ce
+
+
+def problem(seed=0, n=(3, 13), hidden=12, teacher_hidden=9, vocab=41, bias=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    hs, ws = r(*n, hidden).requires_grad_(), r(vocab, hidden, scale=0.7).requires_grad_()
+    bs = r(vocab).requires_grad_() if bias else None
+    ht, wt, bt = r(*n, teacher_hidden), r(vocab, teacher_hidden, scale=0.7), r(vocab) if bias else None
+    labels = torch.randint(vocab, n, generator=g)
+    labels[..., ::4] = -100
+    return hs, ws, bs, ht, wt, bt, labels
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                       ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [None, 5, 1000])
+def test_matches_reference_values_and_gradients(kind, beta, temp, chunk):
+    hs, ws, bs, ht, wt, bt, labels = problem()
+    mask = labels != -100
+    mask[0, 1] = True  # a distilled position without a label: KD and CE supervise different rows
+    kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, mask, labels, loss_type=kind, beta=beta, temperature=temp,
+                                            chunk_size=chunk, student_head_bias=bs, teacher_head_bias=bt)
+    (0.3 * kd + 0.7 * ce).backward()
+    got = [t.grad.clone() for t in (hs, ws, bs)]
+
+    leaves = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
+    zs = leaves[0].reshape(-1, hs.shape[-1]) @ leaves[1].T + leaves[2]
+    zt = ht.double().reshape(-1, ht.shape[-1]) @ wt.double().T + bt.double()
+    kd_sum, ce_sum = reference(zs, zt, mask.reshape(-1).double(), labels.reshape(-1), kind, beta, temp)
+    kd_ref, ce_ref = kd_sum / mask.sum(), ce_sum / (labels != -100).sum()
+    (0.3 * kd_ref + 0.7 * ce_ref).backward()
+    assert kd.item() == pytest.approx(kd_ref.item(), rel=1e-5, abs=1e-6)
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g.double(), leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_num_items_in_batch_and_defaults():
+    hs, ws, _, ht, wt, _, labels = problem(bias=False)
+    kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels, num_items_in_batch=50)
+    zs, zt = (hs.detach().double() @ ws.detach().double().T), (ht.double() @ wt.double().T)
+    valid = (labels != -100).double()
+    kd_sum, ce_sum = reference(zs.reshape(-1, 41), zt.reshape(-1, 41), valid.reshape(-1), labels.reshape(-1),
+                               "forward_kl", 0.5, 1.0)
+    assert kd.item() == pytest.approx(kd_sum.item() / 50, rel=1e-5)  # mask defaults to the labelled positions
+    assert ce.item() == pytest.approx(ce_sum.item() / 50, rel=1e-5)
+    kd_only, none = fused_linear_distillation_loss(hs, ws, ht, wt)
+    assert none is None
+    all_rows = reference(zs.reshape(-1, 41), zt.reshape(-1, 41), torch.ones(39, dtype=torch.float64),
+                         labels.reshape(-1), "forward_kl", 0.5, 1.0)[0] / 39
+    assert kd_only.item() == pytest.approx(all_rows.item(), rel=1e-5)
+
+
+def test_ce_requires_grad_false_builds_no_ce_gradient():
+    hs, ws, bs, ht, wt, bt, labels = problem()
+    kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels, ce_requires_grad=False)
+    assert not ce.requires_grad and kd.requires_grad
+    kd2, ce2 = fused_linear_distillation_loss(hs.detach(), ws.detach(), ht, wt, labels=labels)
+    assert ce.item() == pytest.approx(ce2.item()) and kd.item() == pytest.approx(kd2.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    hs, ws, bs, ht, wt, bt, labels = problem(dtype=dtype)
+    kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels, chunk_size=4,
+                                            student_head_bias=bs, teacher_head_bias=bt)
+    assert kd.dtype == torch.float32 and ce.dtype == torch.float32
+    (kd + ce).backward()
+    assert hs.grad.dtype == dtype and ws.grad.dtype == dtype
+    leaves = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
+    zs = leaves[0].reshape(-1, 12) @ leaves[1].T + leaves[2]
+    zt = ht.double().reshape(-1, 9) @ wt.double().T + bt.double()
+    valid = labels.reshape(-1) != -100
+    kd_sum, ce_sum = reference(zs, zt, valid.double(), labels.reshape(-1), "forward_kl", 0.5, 1.0)
+    ((kd_sum + ce_sum) / valid.sum()).backward()
+    assert kd.item() == pytest.approx(kd_sum.item() / valid.sum().item(), rel=0.05, abs=0.02)
+    torch.testing.assert_close(ws.grad.double(), leaves[1].grad, rtol=0.05, atol=0.02)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_full_logits_tensor_is_ever_built():
+    n, hidden, vocab = 64, 8, 512
+    hs = torch.randn(n, hidden, requires_grad=True)
+    ws = torch.randn(vocab, hidden, requires_grad=True)
+    ht, wt = torch.randn(n, hidden), torch.randn(vocab, hidden)
+    labels = torch.randint(vocab, (n,))
+    with LargestTensor() as seen:
+        kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels, chunk_size=8)
+        (kd + ce).backward()
+    assert seen.largest <= 8 * vocab < n * vocab  # one chunk of logits at most; the gradient of W is V×H
+    with LargestTensor() as full:  # the check can fail: the unfused computation is caught
+        (torch.log_softmax(hs @ ws.T, -1).sum()).backward()
+    assert full.largest == n * vocab
+
+
+def test_mismatched_inputs_are_refused():
+    hs, ws, _, ht, wt, _, labels = problem(bias=False)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        fused_linear_distillation_loss(hs, ws, ht, wt[:-1])
+    with pytest.raises(ValueError, match="positions differ"):
+        fused_linear_distillation_loss(hs, ws, ht[:, :-1], wt)
+    with pytest.raises(ValueError, match="labels shape"):
+        fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels[:, :-1])
+
+
+# ---------------------------------------------------------------------------- in the trainers
+
+
+def one_step_state(tmp_path, tokenizer, texts, untied, **kw):
+    teacher = make_model(seed=0)
+    if untied:  # an untied head with its own weights, as the second test model has
+        teacher.config.tie_word_embeddings = False
+        teacher.lm_head.weight = torch.nn.Parameter(teacher.lm_head.weight.detach().clone() * 1.3)
+    student = perturb(copy.deepcopy(teacher))
+    trainer = sdft_trainer(tmp_path, student, teacher, tokenizer, texts, max_steps=2, learning_rate=1e-2, **kw)
+    trainer.train()
+    return trainer, {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+@pytest.mark.parametrize("untied", [False, True])
+@pytest.mark.parametrize("kd_ratio,kd_loss", [(1.0, "forward_kl"), (0.6, "jsd")])
+def test_trainer_fused_equals_unfused(tmp_path, tokenizer, texts, untied, kd_ratio, kd_loss):
+    kw = dict(kd_ratio=kd_ratio, kd_loss=kd_loss, gradient_accumulation_steps=2)
+    fused, w_fused = one_step_state(tmp_path / "f", tokenizer, texts, untied, **kw)
+    plain, w_plain = one_step_state(tmp_path / "u", tokenizer, texts, untied, kd_fused=False, **kw)
+    assert fused.fused_heads is not None and plain.fused_heads is None
+    for key in ("kd_loss", "ce_loss", "loss"):
+        assert logged(fused, key) == pytest.approx(logged(plain, key), rel=1e-4)
+    for name, w in w_fused.items():
+        torch.testing.assert_close(w, w_plain[name], rtol=1e-3, atol=1e-4)  # Adam steps of ~1e-2
+
+
+def test_teacher_dtype_and_device(tmp_path, tokenizer, texts):
+    trainer, _ = one_step_state(tmp_path, tokenizer, texts, False, teacher_dtype="bfloat16", teacher_device="cpu")
+    assert {p.dtype for p in trainer.teacher_model.parameters()} == {torch.bfloat16}
+    assert all(v == v and v > 0 for v in logged(trainer, "kd_loss"))  # finite, positive KD from a bf16 teacher
+    auto = SDFTConfig(output_dir=str(tmp_path), **cpu_args())
+    assert auto.resolve_teacher_dtype(torch.float32) is torch.float32  # no native bf16 on this CPU run
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        SDFTConfig(output_dir=str(tmp_path), teacher_dtype="int8", **cpu_args())
+
+
+def test_logit_transforming_model_falls_back_to_its_logits(tmp_path, tokenizer, texts):
+    teacher = make_model()
+    teacher.config.final_logit_softcapping = 30.0
+    trainer = sdft_trainer(tmp_path, perturb(copy.deepcopy(teacher)), teacher, tokenizer, make_texts(16), max_steps=1)
+    assert trainer.fused_heads is None
