@@ -74,7 +74,7 @@ def bare_kd_loop(argv: list[str]) -> dict:
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     t0 = time.time()
     torch.manual_seed(args.seed)
-    original = load(rec, model_args)
+    original = load(rec, args, model_args)
     teacher_ppl = measure(original.model, None, original.data)["ppl"]
     student = make_student(original, rec, args, model_args)
     teacher = original.model.requires_grad_(False).eval()

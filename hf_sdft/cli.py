@@ -10,13 +10,15 @@ import argparse
 import json
 import sys
 
-USAGE = """usage: hf-sdft {recover,degrade,eval,card} ...
+USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,eval,card} ...
 
-  recover  degrade a model, recover it by self-distillation, print the results table
-           (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
-  degrade  write the degraded student only
-  eval     perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
-  card     (re)build the model card of a recovery output folder
+  recover        degrade a model, recover it by self-distillation, print the results table
+                 (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
+  degrade        write the degraded student only
+  cache-teacher  run the teacher once over a recipe's training data and save its top-k outputs
+                 (--top_k 64 --output_dir DIR; then recover with --teacher_cache DIR)
+  eval           perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
+  card           (re)build the model card of a recovery output folder
 
 Your own student: hf-sdft recover --model_name_or_path ORIGINAL --student_name_or_path STUDENT
 
@@ -50,11 +52,32 @@ def cmd_degrade(argv: list[str]) -> None:
     from .student import degraded_student, save_student
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
-    original = load(rec, model_args)
+    original = load(rec, args, model_args)
     student = degraded_student(original.model, original.tokenizer, original.data, rec, args)
     if args.should_save:
         save_student(student, original.tokenizer, args.output_dir)
         print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
+
+
+def cmd_cache_teacher(argv: list[str]) -> dict:
+    import torch
+    from trl import ModelConfig, TrlParser
+
+    from .config import RecoveryArguments, RecoveryConfig
+    from .recover import load
+    from .teacher_cache import CacheArguments, cache_teacher
+
+    rec, args, model_args, cache = TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig, CacheArguments)) \
+        .parse_args_and_config(argv)
+    original = load(rec, args, model_args)
+    teacher = original.model.to(args.device, args.resolve_teacher_dtype(torch.float32))
+    meta = cache_teacher(teacher, original.data.train, args.output_dir, top_k=cache.top_k,
+                         temperature=args.kd_temperature, batch_size=args.per_device_train_batch_size,
+                         teacher_name=original.path)
+    print(f"teacher cache: {meta['tokens']:,} tokens, top-{cache.top_k}, {meta['bytes_per_token']:.0f} bytes/token, "
+          f"{meta['tokens_per_second']:,.0f} tokens/s; saved to {args.output_dir} "
+          f"(train from it: hf-sdft recover ... --teacher_cache {args.output_dir})")
+    return meta
 
 
 def cmd_eval(argv: list[str]) -> dict:
@@ -104,7 +127,8 @@ def cmd_card(argv: list[str]):
     return build(argv)
 
 
-COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "eval": cmd_eval, "card": cmd_card}
+COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval,
+            "card": cmd_card}
 
 
 def main(argv: list[str] | None = None) -> None:

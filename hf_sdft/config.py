@@ -163,6 +163,9 @@ class RecoveryArguments:
     forgetting_steps: int = field(default=200, metadata={"help": "Plain SFT steps on the narrow task."})
     forgetting_learning_rate: float = 1e-3
     eval_batch_size: int = 16
+    teacher_cache: str | None = field(
+        default=None, metadata={"help": "A folder written by hf-sdft cache-teacher: train from the teacher's cached "
+                                "top-k outputs instead of running it (the original still measures perplexity and CKA)."})
     eval_tasks: str | None = field(
         default=None, metadata={"help": "lm-evaluation-harness tasks scored on teacher, degraded and recovered "
                                 "models (comma-separated; needs hf-sdft[eval]), e.g. sdft_kjv_nextline."})
@@ -178,6 +181,8 @@ class RecoveryArguments:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{name}={path} does not exist")
+        if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
+            raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
 
     @property
     def uses_narrow_task(self) -> bool:

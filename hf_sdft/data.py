@@ -199,19 +199,26 @@ def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int
 
 def pad(rows: list[dict]) -> dict[str, torch.Tensor]:
     """A right-padded batch of examples with ``input_ids`` (and optional ``labels``): ``input_ids``,
-    ``attention_mask`` (0 on padding) and ``labels`` (−100 on padding; ``input_ids`` where absent).
-    Also the data collator of the recovery job's trainers."""
+    ``attention_mask`` (0 on padding) and ``labels`` (−100 on padding; ``input_ids`` where absent),
+    plus any other per-position column (e.g. a teacher cache's), zero-padded. Also the data
+    collator of the recovery job's trainers."""
     width = max(len(r["input_ids"]) for r in rows)
     batch = {
         "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
         "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
         "labels": torch.full((len(rows), width), -100, dtype=torch.long),
     }
+    extra = [k for k, v in rows[0].items() if k not in batch and isinstance(v, (list, torch.Tensor))]
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
         batch["attention_mask"][i, :n] = 1
         batch["labels"][i, :n] = torch.as_tensor(row.get("labels", row["input_ids"]))
+        for key in extra:
+            value = torch.as_tensor(row[key])
+            if key not in batch:
+                batch[key] = value.new_zeros((len(rows), width, *value.shape[1:]))
+            batch[key][i, :n] = value
     return batch
 
 

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; larger log-ratios carry mass < e^-80
+_FLOOR = torch.finfo(torch.float32).min  # log-probabilities are clamped here: log 0 = -inf would give NaN
 
 
 def check_loss_type(loss_type: str) -> None:
@@ -37,25 +38,39 @@ def token_divergence(
     """
     check_loss_type(loss_type)
     # clamped: a -inf logit (a banned token) has probability 0 and must add 0, not NaN
-    floor = torch.finfo(torch.float32).min
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=floor)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp(min=floor)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1).clamp(min=_FLOOR)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).clamp(min=_FLOOR)
+    return logprob_divergence(log_s, log_t, loss_type, beta)
+
+
+def _effective(loss_type: str, beta: float) -> str:
+    """JSD at β = 0 is forward KL and at β = 1 reverse KL (its limits)."""
     if loss_type == "jsd" and beta <= 0.0:
-        loss_type = "forward_kl"
-    elif loss_type == "jsd" and beta >= 1.0:
-        loss_type = "reverse_kl"
+        return "forward_kl"
+    if loss_type == "jsd" and beta >= 1.0:
+        return "reverse_kl"
+    return loss_type
+
+
+def _log_ratios_to_mixture(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(p_T/M) and log(p_S/M) for M = β·p_T + (1−β)·p_S, written with log1p so that both stay
+    exact for β near 0 or 1: M/p_T = 1 + (1−β)·(p_S/p_T − 1), M/p_S = 1 + β·(p_T/p_S − 1)."""
+    diff = log_t - log_s
+    log_t_over_m = -torch.log1p((1.0 - beta) * torch.expm1((-diff).clamp(max=_MAX_LOG_RATIO)))
+    log_s_over_m = -torch.log1p(beta * torch.expm1(diff.clamp(max=_MAX_LOG_RATIO)))
+    return log_t_over_m, log_s_over_m
+
+
+def logprob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence ``(...,)`` between distributions given as float32 log-probabilities
+    ``(..., K)`` over the same K outcomes (a vocabulary, or top-k tokens plus a tail bucket)."""
+    loss_type = _effective(loss_type, beta)
     if loss_type == "forward_kl":
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     if loss_type == "reverse_kl":
         return (log_s.exp() * (log_s - log_t)).sum(-1)
-    # log(p/M) written with log1p so that both terms stay exact for β near 0 or 1:
-    #   M/p_T = 1 + (1−β)·(p_S/p_T − 1),   M/p_S = 1 + β·(p_T/p_S − 1)
-    diff = log_t - log_s
-    log_t_over_m = -torch.log1p((1.0 - beta) * torch.expm1((-diff).clamp(max=_MAX_LOG_RATIO)))
-    log_s_over_m = -torch.log1p(beta * torch.expm1(diff.clamp(max=_MAX_LOG_RATIO)))
-    kl_t_m = (log_t.exp() * log_t_over_m).sum(-1)
-    kl_s_m = (log_s.exp() * log_s_over_m).sum(-1)
-    return kl_t_m / (1.0 - beta) + kl_s_m / beta
+    log_t_over_m, log_s_over_m = _log_ratios_to_mixture(log_s, log_t, beta)
+    return (log_t.exp() * log_t_over_m).sum(-1) / (1.0 - beta) + (log_s.exp() * log_s_over_m).sum(-1) / beta
 
 
 def distillation_loss(
@@ -105,22 +120,31 @@ def distillation_loss(
     def chunk_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return token_divergence(s, t, **kwargs).sum()
 
-    n = student.shape[0]
+    total = _chunked_sum(chunk_sum, (student, teacher), chunk_size)
+    return _reduce(total, student.shape[0], num_items_in_batch) * temperature**2
+
+
+def _chunked_sum(fn, tensors: tuple[torch.Tensor, ...], chunk_size: int | None) -> torch.Tensor:
+    """Σ fn(chunk) over row chunks of ``tensors`` (the first one differentiable); each chunk's
+    intermediates are recomputed in backward instead of stored."""
+    n = tensors[0].shape[0]
     if chunk_size is None or chunk_size >= n:
-        total = chunk_sum(student, teacher)
-    else:
-        total = student.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, chunk_size):
-            s, t = student[start : start + chunk_size], teacher[start : start + chunk_size]
-            if torch.is_grad_enabled() and s.requires_grad:
-                total = total + checkpoint(chunk_sum, s, t, use_reentrant=False)
-            else:
-                total = total + chunk_sum(s, t)
+        return fn(*tensors)
+    total = tensors[0].new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        parts = tuple(t[start : start + chunk_size] for t in tensors)
+        if torch.is_grad_enabled() and tensors[0].requires_grad:
+            total = total + checkpoint(fn, *parts, use_reentrant=False)
+        else:
+            total = total + fn(*parts)
+    return total
+
+
+def _reduce(total: torch.Tensor, count, num_items_in_batch) -> torch.Tensor:
+    """sum ÷ ``num_items_in_batch`` when given, else ÷ ``count`` (at least 1)."""
     if num_items_in_batch is not None:
-        denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
-    else:
-        denom = max(n, 1)
-    return total / denom * temperature**2
+        return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
+    return total / (count.clamp(min=1) if torch.is_tensor(count) else max(count, 1))
 
 
 def token_cross_entropy(
@@ -134,23 +158,18 @@ def token_cross_entropy(
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    if num_items_in_batch is None:
-        return total / max(int((labels != -100).sum()), 1)
-    return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
+    return _reduce(total, (labels != -100).sum(), num_items_in_batch)
 
 
 
-def _logprob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence ``(n,)`` and its gradient ``(n, V)`` with respect to the student's
     tempered logits, from float32 log-probabilities ``(n, V)`` (formulas of :func:`token_divergence`).
 
     Every divergence has the gradient p_S ⊙ (a − ⟨a⟩_{p_S}) with a = ∂D/∂p_S: −p_T/p_S (forward KL,
     which simplifies to p_S − p_T), log p_S − log p_T (reverse KL), log(p_S/M)/β (JSD).
     """
-    if loss_type == "jsd" and beta <= 0.0:
-        loss_type = "forward_kl"
-    elif loss_type == "jsd" and beta >= 1.0:
-        loss_type = "reverse_kl"
+    loss_type = _effective(loss_type, beta)
     p_s, p_t = log_s.exp(), log_t.exp()
     if loss_type == "forward_kl":
         return (p_t * (log_t - log_s)).sum(-1), p_s - p_t
@@ -158,9 +177,7 @@ def _logprob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str
         a = log_s - log_t
         div = (p_s * a).sum(-1)
         return div, p_s * (a - div[:, None])
-    diff = log_t - log_s
-    log_t_over_m = -torch.log1p((1.0 - beta) * torch.expm1((-diff).clamp(max=_MAX_LOG_RATIO)))
-    log_s_over_m = -torch.log1p(beta * torch.expm1(diff.clamp(max=_MAX_LOG_RATIO)))
+    log_t_over_m, log_s_over_m = _log_ratios_to_mixture(log_s, log_t, beta)
     div = (p_t * log_t_over_m).sum(-1) / (1.0 - beta) + (p_s * log_s_over_m).sum(-1) / beta
     a = log_s_over_m / beta
     return div, p_s * (a - (p_s * a).sum(-1, keepdim=True))
@@ -197,17 +214,16 @@ class _FusedLinearDistillation(torch.autograd.Function):
             z_s = F.linear(h, ws, bs).float()
             with torch.no_grad():
                 z_t = F.linear(ht[rows], wt, bt).to(device=hs.device, dtype=torch.float32)
-            floor = torch.finfo(torch.float32).min
-            log_s = F.log_softmax(z_s / temperature, dim=-1).clamp(min=floor)
-            log_t = F.log_softmax(z_t / temperature, dim=-1).clamp(min=floor)
-            div, g_kd = _logprob_divergence(log_s, log_t, loss_type, beta)
+            log_s = F.log_softmax(z_s / temperature, dim=-1).clamp(min=_FLOOR)
+            log_t = F.log_softmax(z_t / temperature, dim=-1).clamp(min=_FLOOR)
+            div, g_kd = _divergence_and_gradient(log_s, log_t, loss_type, beta)
             w_kd = kd_rows[rows].float()
             sums[0] += (div * w_kd).sum()
             chunk_grads = {"kd": g_kd * (w_kd / temperature)[:, None]}  # ∂D/∂z_s = ∂D/∂(z_s/T) / T
             if labels is not None:
                 y = labels[rows]
                 valid = y != -100
-                log_p = log_s if temperature == 1.0 else F.log_softmax(z_s, dim=-1).clamp(min=floor)
+                log_p = log_s if temperature == 1.0 else F.log_softmax(z_s, dim=-1).clamp(min=_FLOOR)
                 picked = log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]
                 sums[1] -= (picked * valid).sum()
                 if "ce" in grads:
@@ -308,13 +324,62 @@ def fused_linear_distillation_loss(
         hs, student_head_weight, student_head_bias, ht, teacher_head_weight, teacher_head_bias, kd_rows, flat_labels, opts,
     )
 
-    def reduce(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        if num_items_in_batch is not None:
-            return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
-        return total / count.clamp(min=1)
-
-    kd = reduce(kd_sum, kd_rows.sum()) * temperature**2
+    kd = _reduce(kd_sum, kd_rows.sum(), num_items_in_batch) * temperature**2
     if flat_labels is None:
         return kd, None
-    ce = reduce(ce_sum if ce_requires_grad else ce_sum.detach(), (flat_labels != -100).sum())
+    ce = _reduce(ce_sum if ce_requires_grad else ce_sum.detach(), (flat_labels != -100).sum(), num_items_in_batch)
     return kd, ce
+
+
+def _topk_buckets(log_s: torch.Tensor, ids: torch.Tensor, t_logprobs: torch.Tensor, t_tail: torch.Tensor):
+    """Student and teacher log-probabilities ``(n, k + 1)`` over the teacher's top-k tokens plus
+    one bucket for all other tokens. A teacher tail of probability 0 (k = V) is dropped."""
+    ids = ids.long()
+    s_k = log_s.gather(-1, ids)
+    s_tail = torch.logsumexp(log_s.scatter(-1, ids, _FLOOR), -1)  # log Σ p_S over the tokens outside the top-k
+    no_tail = ~(t_tail.float() > _FLOOR)
+    s_tail = s_tail.masked_fill(no_tail, _FLOOR)
+    t_tail = t_tail.float().masked_fill(no_tail, _FLOOR)
+    return (torch.cat([s_k, s_tail[:, None]], -1),
+            torch.cat([t_logprobs.float().clamp(min=_FLOOR), t_tail[:, None]], -1))
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_tail_logprob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Distillation from cached teacher outputs (``hf-sdft cache-teacher``); a float32 scalar
+    reduced as :func:`distillation_loss`.
+
+    The divergence is taken over k + 1 outcomes: the teacher's top-k tokens ``(..., k)`` with
+    their log-probabilities ``(..., k)``, and the tail bucket of every other token, whose teacher
+    log-mass is ``teacher_tail_logprob`` ``(...)`` and student log-mass is computed from
+    ``student_logits`` ``(..., V)`` (softmax at ``temperature``, the temperature the cache was
+    written at). With k = V this is exactly the full-vocabulary loss.
+    """
+    check_loss_type(loss_type)
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape or teacher_topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"cache shapes {tuple(teacher_topk_ids.shape)} / {tuple(teacher_topk_logprobs.shape)} do not "
+                         f"match the student's logits {tuple(student_logits.shape)}")
+    vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    cached = (teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k), teacher_tail_logprob.reshape(-1))
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        student, cached = student[keep], tuple(c[keep] for c in cached)
+
+    def chunk_sum(s, ids, lp, tail):
+        log_s = F.log_softmax(s.float() / temperature, dim=-1).clamp(min=_FLOOR)
+        return logprob_divergence(*_topk_buckets(log_s, ids, lp, tail), loss_type, beta).sum()
+
+    total = _chunked_sum(chunk_sum, (student, *cached), chunk_size)
+    return _reduce(total, student.shape[0], num_items_in_batch) * temperature**2

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -51,14 +52,17 @@ def check_launch(args: SDFTConfig) -> None:
         )
 
 
-def load(rec: RecoveryArguments, model_args) -> Original:
-    """Step 1: the original (float32) and its tokenizer; the data, tokenized by that tokenizer.
-    Unset ``model_name_or_path`` means the embedded default model."""
+def load(rec: RecoveryArguments, args: SDFTConfig, model_args) -> Original:
+    """Step 1: the original and its tokenizer; the data, tokenized by that tokenizer. The original
+    loads in float32 when the student is degraded from it here, else directly in the teacher's
+    dtype (``teacher_dtype``). Unset ``model_name_or_path`` means the embedded default model."""
     default_model = model_args.model_name_or_path is None
     path = default_model_path() if default_model else model_args.model_name_or_path
     folder = model_folder(path, "model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    own = rec.student_name_or_path is not None
+    dtype = args.resolve_teacher_dtype(torch.float32) if own else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return Original(path, tokenizer, model, load_recovery_data(rec, tokenizer, default_model))
 
 
@@ -81,11 +85,12 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     lora_added = bool(model_args.use_peft)
     if lora_added:
         add_lora(student, model_args, args.output_dir, args.should_save)
-    callbacks = [CKACallback(data.eval.probe, every_n_steps=rec.cka_every_n_steps,
+    callbacks = [CKACallback(data.eval.probe, teacher_model=teacher if rec.teacher_cache else None, every_n_steps=rec.cka_every_n_steps,
                              max_tokens=len(data.eval.probe) * rec.block_size), *student.callbacks()]
+    train_data = load_from_disk(rec.teacher_cache) if rec.teacher_cache else data.train
     # the recovered student (with its card) is pushed once at the end, never the checkpoints
-    trainer = make_trainer(student.model, dataclasses.replace(args, push_to_hub=False), teacher, data.train,
-                           original.tokenizer, data.fmt, callbacks)
+    trainer = make_trainer(student.model, dataclasses.replace(args, push_to_hub=False),
+                           None if rec.teacher_cache else teacher, train_data, original.tokenizer, data.fmt, callbacks)
     resume = args.resume_from_checkpoint
     if resume is None and Path(args.output_dir).is_dir():
         resume = get_last_checkpoint(args.output_dir)
@@ -100,7 +105,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     check_launch(args)
     started = time.time()
     set_seed(args.seed)
-    original = load(rec, model_args)
+    original = load(rec, args, model_args)
     teacher_figures = measure(original.model, None, original.data)
     student = make_student(original, rec, args, model_args)
     original.model.requires_grad_(False).eval()

@@ -18,7 +18,9 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from .cka import linear_cka
-from .losses import distillation_loss, fused_linear_distillation_loss, token_cross_entropy
+from .data import pad
+from .losses import distillation_loss, fused_linear_distillation_loss, token_cross_entropy, topk_distillation_loss
+from .teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
 from .teacher import (
     capture_layers,
     check_teacher,
@@ -39,8 +41,9 @@ class SDFTMixin:
 
     Args:
         teacher_model: the original (undegraded) model, or its path / Hub id. ``None``
-            loads ``args.teacher_model_name_or_path``; with neither, the student must be a
-            PEFT model and its base with adapters disabled is the teacher.
+            loads ``args.teacher_model_name_or_path``; with neither, the training data may be a
+            teacher cache (``hf-sdft cache-teacher``, no teacher is loaded) or the student a PEFT
+            model whose base with adapters disabled is the teacher.
     """
 
     _tag_names = ["hf-sdft", "sdft"]
@@ -52,11 +55,17 @@ class SDFTMixin:
             teacher_model = load_teacher(teacher_model)
         if teacher_model is not None and isinstance(model, nn.Module):
             check_teacher(model, teacher_model)  # fail before any dataset preparation
+        self.teacher_cache = cache_metadata(kwargs.get("train_dataset")) if teacher_model is None else None
+        if self.teacher_cache is not None:
+            check_cache(self.teacher_cache, args, model)
+            if kwargs.get("data_collator") is None:
+                kwargs["data_collator"] = pad
         super().__init__(model, args, *pos, **kwargs)
-        if teacher_model is None and not is_peft(self.model):
+        if teacher_model is None and self.teacher_cache is None and not is_peft(self.model):
             raise ValueError(
                 "no teacher: pass teacher_model= (the original model or its path), set "
-                "teacher_model_name_or_path, or train a PEFT student whose base model is the teacher"
+                "teacher_model_name_or_path, train on a teacher cache (hf-sdft cache-teacher), "
+                "or train a PEFT student whose base model is the teacher"
             )
         if teacher_model is not None:
             check_teacher(self.model, teacher_model)
@@ -70,7 +79,7 @@ class SDFTMixin:
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
         )
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        self.fused_heads = self._fused_heads() if self.args.kd_fused else None
+        self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
         if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
             raise ValueError(
                 "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
@@ -110,6 +119,11 @@ class SDFTMixin:
             return freeze(prepare_fsdp(teacher, self.accelerator))
         return freeze(teacher.to(self.args.teacher_device or self.accelerator.device))
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.teacher_cache is not None and self._signature_columns is not None:
+            self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS]
+
     def _fused_heads(self) -> tuple[nn.Linear, nn.Linear] | None:
         """(student head, teacher head) for the fused loss, or None (with the reason logged) when a
         model's logits are not a plain linear head of its last hidden state."""
@@ -139,7 +153,7 @@ class SDFTMixin:
         args = self.args
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *CACHE_COLUMNS)}
         model_inputs["use_cache"] = False
         layers = self.cka_loss_layers
         heads = self.fused_heads if not return_outputs else None  # callers asking for outputs get logits
@@ -147,7 +161,8 @@ class SDFTMixin:
         with capture_layers(model, layers) as student_hidden, \
                 (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
             outputs = model(**model_inputs)
-        teacher_out, teacher_hidden = self._teacher_forward(model_inputs, layers, t_head)
+        if self.teacher_cache is None:
+            teacher_out, teacher_hidden = self._teacher_forward(model_inputs, layers, t_head)
 
         shift_labels = labels[..., 1:]
         mask = shift_labels != -100
@@ -170,7 +185,11 @@ class SDFTMixin:
             student_logits = outputs.logits[..., :-1, :]
             with torch.set_grad_enabled(ce_grad):
                 ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
-            kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
+            if self.teacher_cache is not None:
+                cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
+                kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
+            else:
+                kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
         token_loss = ((1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum) / denom
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients

@@ -11,19 +11,21 @@ from transformers import Trainer
 
 from .config import SDFTConfig, as_sft_config
 from .data import pad
+from .teacher_cache import cache_metadata
 from .trainer import SDFTSFTTrainer, SDFTTrainer
 
 
 def make_trainer(student, args: SDFTConfig, teacher, train_dataset, tokenizer, fmt: str, callbacks=()):
     """A trainer of ``student`` on pre-tokenized ``train_dataset`` (``input_ids``, ``labels``).
 
-    ``teacher=None``: a plain ``transformers.Trainer`` (cross-entropy only). ``fmt="chat"``:
+    ``teacher=None``: a plain ``transformers.Trainer`` (cross-entropy only), unless the dataset is
+    a teacher cache (then the SDFT trainer distils from it). ``fmt="chat"``:
     :class:`~hf_sdft.SDFTSFTTrainer` (TRL's dataset preparation is skipped: the labels already
     hold the completion-only mask).
     """
     kwargs = dict(model=student, train_dataset=train_dataset, processing_class=tokenizer, data_collator=pad,
                   callbacks=list(callbacks))
-    if teacher is None:
+    if teacher is None and cache_metadata(train_dataset) is None:
         return Trainer(args=args, **kwargs)
     if fmt == "chat":
         sft_args = as_sft_config(args, packing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
