@@ -49,8 +49,10 @@ MODELS = {  # name: (flags choosing the model, its data and learning rate; the n
 METHODS = ("plain CE", "KD (hf-sdft)", "bare KD loop")
 
 
-def argv_for(model: str, recipe: str, method: str, out: Path) -> list[str]:
+def argv_for(model: str, recipe: str, method: str, out: Path, lr: str | None = None) -> list[str]:
     flags, narrow = MODELS[model]
+    if lr is not None:  # the recovery's learning rate; the degradation (forgetting SFT) stays the same
+        flags = [lr if prev == "--learning_rate" else f for prev, f in zip([None, *flags], flags)]
     loss = ["--kd_ratio", "0.0"] if method == "plain CE" else ["--kd_ratio", "1.0"]
     return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow if recipe == "forgetting" else []), *BUDGET,
             *loss, "--output_dir", str(out)]
@@ -125,7 +127,7 @@ def write_report(runs: dict) -> None:
         "measure, train, measure) as a ratio to the plain-CE row, measured in this run.", "",
     ]
     for model, recipes in runs.items():
-        lines += [f"## {model} model", ""]
+        lines += [f"## {model}", ""]
         lines += ["| recipe | method | teacher ppl | degraded ppl | recovered ppl | R | target | mean CKA after |"
                   " time ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for recipe, methods in recipes.items():
@@ -159,6 +161,7 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--recipes", nargs="*", default=list(TARGETS))
     p.add_argument("--out", default="/tmp/hf-sdft-bench")
+    p.add_argument("--lr", default=None, help="learning rate for every run instead of the model's (tables named 'MODEL, lr X')")
     p.add_argument("--update", action="store_true", help="keep the other tables from results/recovery.json")
     p.add_argument("--report_only", action="store_true", help="rewrite recovery.md from recovery.json, run nothing")
     a = p.parse_args()
@@ -166,14 +169,16 @@ def main() -> None:
     runs: dict = json.loads(previous.read_text()) if (a.update or a.report_only) and previous.exists() else {}
     if not a.report_only:
         for model in a.models:
+            table = model if a.lr is None else f"{model}, lr {a.lr}"
             for recipe in a.recipes:
                 results = {}
                 for method in METHODS:
-                    argv = argv_for(model, recipe, method, Path(a.out) / model / recipe / method.replace(" ", "_"))
+                    argv = argv_for(model, recipe, method, Path(a.out) / table.replace(", ", "_").replace(" ", "_") /
+                                    recipe / method.replace(" ", "_"), a.lr)
                     results[method] = bare_kd_loop(argv) if method == "bare KD loop" else job(argv)
                     print(f"{model:<9} {recipe:<11} {method:<13} R={fmt(results[method]['R'])} "
                           f"ppl={results[method]['ppl']} {results[method]['seconds']:.0f}s", flush=True)
-                runs.setdefault(model, {})[recipe] = results
+                runs.setdefault(table, {})[recipe] = results
                 write_report(runs)  # keep partial results
     write_report(runs)
     print((RESULTS / "recovery.md").read_text())
