@@ -248,9 +248,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
         for part, scale in (("kd", grad_kd), ("ce", grad_ce)):
             if part not in ctx.grads or scale is None:
                 continue
-            for i, g in enumerate(ctx.grads[part]):
+            for i, g in enumerate(ctx.grads[part]):  # in place: no second copy of a (V, H) buffer
                 if g is not None:
-                    out[i] = g * scale if out[i] is None else out[i] + g * scale
+                    g.mul_(scale)
+                    out[i] = g if out[i] is None else out[i].add_(g)
         out = [None if g is None else g.to(dtype) for g, dtype in zip(out, ctx.dtypes)]
         ctx.grads = None
         return (*out, None, None, None, None, None, None)
