@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import pad
 
+
 @dataclass
 class CacheArguments:
     """``hf-sdft cache-teacher``'s own field (the rest comes from the recipe)."""
