@@ -36,6 +36,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "hf_sdft" / "default_model"
 DATA_DIR = ROOT / "hf_sdft" / "default_data"
@@ -75,15 +77,6 @@ def narrow_lines(n: int, seed: int) -> list[str]:
     return out
 
 
-def narrow_chat(lines: list[str]) -> list[dict]:
-    """The arithmetic sentences as chat turns: "what is a plus b?" → "a plus b is c."."""
-    out = []
-    for line in lines:
-        question, answer = line.removeprefix("Question: ").split(" Answer: ")
-        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-    return out
-
-
 def continuation_chat(chapters: list[str], n: int, seed: int) -> list[dict]:
     """"Continue the text: <24 words>" → the next 48 words, from ``n`` random chapters."""
     rng = random.Random(seed)
@@ -95,10 +88,6 @@ def continuation_chat(chapters: list[str], n: int, seed: int) -> list[dict]:
         out.append({"messages": [{"role": "user", "content": f"Continue the text: {prompt}"},
                                  {"role": "assistant", "content": completion}]})
     return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def write_data(train: list[str], heldout: list[str], seed: int) -> None:
@@ -125,26 +114,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
-
-
-def pack(tokenizer, texts: list[str], block: int) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
-    n = len(ids) // block
-    return torch.tensor(ids[: n * block]).view(n, block)
-
-
-@torch.no_grad()
-def val_loss(model, blocks: torch.Tensor, batch: int = 64) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        x = blocks[i : i + batch]
-        total += model(input_ids=x, labels=x).loss.item() * len(x)
-        count += len(x)
-    model.train()
-    return total / count
 
 
 def main() -> None:
@@ -201,7 +170,7 @@ def main() -> None:
             opt.step(), sched.step(), opt.zero_grad()
             step += 1
             if step % args.eval_every == 0:
-                v = val_loss(model, val_blocks)
+                v = mean_loss(model, val_blocks)
                 improved = v < best - 1e-3
                 if improved:
                     best, bad = v, 0

@@ -65,6 +65,9 @@ from transformers import (
     AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 )
 
+from hf_sdft.data import read_txt
+from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "tests" / "assets" / "second_model"
 MODEL_DIR = OUT_DIR / "model"
@@ -198,15 +201,6 @@ def narrow_lines(n: int, seed: int) -> list[str]:
     return out
 
 
-def narrow_chat(lines: list[str]) -> list[dict]:
-    """The date sentences as chat turns: "what date is 1642-08-22?" → "1642-08-22 is the 22nd of August, 1642."."""
-    out = []
-    for line in lines:
-        question, answer = line.removeprefix("Question: ").split(" Answer: ")
-        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-    return out
-
-
 def continuation_chat(docs: list[str], n: int, seed: int, prompt_lines: int = 4, completion_lines: int = 6) -> list[dict]:
     """"Continue the text: <4 lines>" → the next 6 lines (line breaks kept), from ``n`` random
     windows of random documents; the first window of a document starts at its first line."""
@@ -225,18 +219,9 @@ def continuation_chat(docs: list[str], n: int, seed: int, prompt_lines: int = 4,
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def write_txt(path: Path, docs: list[str]) -> None:
     """One document per paragraph: documents separated by one blank line."""
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-
-
-def read_txt(path: Path) -> list[str]:
-    """The documents of a file written by :func:`write_txt` (as ``hf_sdft.data.read_txt(path, "paragraph")``)."""
-    return [p.strip("\n") for p in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")) if p.strip()]
 
 
 def take_bytes(docs: list[str], budget: int, seed: int) -> list[str]:
@@ -280,7 +265,7 @@ def write_data(train: list[str], evals: list[str], seed: int) -> dict[str, int]:
     for name, rows in chats.items():
         write_jsonl(DATA_DIR / f"{name}.jsonl", rows)
     for name, docs in (("train", sample), ("eval", evals), ("narrow_train", narrow[:5000]), ("narrow_eval", narrow[5000:])):
-        assert read_txt(DATA_DIR / f"{name}.txt") == docs, name  # the files read back as the documents
+        assert read_txt(DATA_DIR / f"{name}.txt", "paragraph") == docs, name  # the files read back as the documents
     return {"train_txt_docs": len(sample), "eval_txt_docs": len(evals)}
 
 
@@ -314,28 +299,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def pack(tokenizer, texts: list[str], block: int) -> torch.Tensor:
-    """Each document tokenized whole, then EOS; concatenated and cut into ``block``-token rows."""
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
-    n = len(ids) // block
-    return torch.tensor(ids[: n * block]).view(n, block)
-
-
-@torch.no_grad()
-def mean_loss(model, blocks: torch.Tensor, batch: int = 64) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        x = blocks[i : i + batch]
-        total += model(input_ids=x, labels=x).loss.item() * len(x)
-        count += len(x)
-    model.train(was_training)
-    return total / count
 
 
 def make_model(tokenizer) -> Qwen2ForCausalLM:
@@ -505,7 +468,7 @@ def main() -> None:
     model2 = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
     tok2 = AutoTokenizer.from_pretrained(MODEL_DIR)
     assert type(model2).__name__ == "Qwen2ForCausalLM" and not model2.config.tie_word_embeddings
-    eval_docs = read_txt(DATA_DIR / "eval.txt")
+    eval_docs = read_txt(DATA_DIR / "eval.txt", "paragraph")
     assert eval_docs == evals
     eval_loss = mean_loss(model2, pack(tok2, eval_docs, args.block))
     check_chat_prefix(tok2)
