@@ -127,8 +127,7 @@ def part_steps(a) -> dict:
         train = pack_blocks(tokenizer, texts, 128, max_blocks=batch * (steps + 3))
         if model_name != "embedded":  # random token ids over the big vocabulary, same shapes
             g = torch.Generator().manual_seed(0)
-            train = train.map(lambda r: {"input_ids": torch.randint(VOCAB, (128,), generator=g).tolist()})
-            train = train.map(lambda r: {"labels": r["input_ids"]})
+            train = train.map(lambda r: dict.fromkeys(("input_ids", "labels"), torch.randint(VOCAB, (128,), generator=g).tolist()))
         cache_dir = tempfile.mkdtemp()
         cache_teacher(teacher, train, cache_dir, top_k=64, batch_size=batch)
         times = {name: [] for name in [*CONFIGS, "bare CE loop", "bare forward-KL loop"]}

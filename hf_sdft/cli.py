@@ -27,12 +27,13 @@ SDFTConfig (transformers TrainingArguments + kd_*/cka_*) or TRL's ModelConfig.
 """
 
 
-def _recipe_parser():
+def _recipe_parser(*extra):
+    """A recipe's dataclasses (job, training, TRL model fields), then any ``extra`` ones."""
     from trl import ModelConfig, TrlParser
 
     from .config import RecoveryArguments, RecoveryConfig
 
-    return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig))
+    return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig, *extra))
 
 
 def cmd_recover(argv: list[str]) -> dict:
@@ -61,14 +62,11 @@ def cmd_degrade(argv: list[str]) -> None:
 
 def cmd_cache_teacher(argv: list[str]) -> dict:
     import torch
-    from trl import ModelConfig, TrlParser
 
-    from .config import RecoveryArguments, RecoveryConfig
     from .recover import load
     from .teacher_cache import CacheArguments, cache_teacher
 
-    rec, args, model_args, cache = TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig, CacheArguments)) \
-        .parse_args_and_config(argv)
+    rec, args, model_args, cache = _recipe_parser(CacheArguments).parse_args_and_config(argv)
     original = load(rec, args, model_args)
     teacher = original.model.to(args.device, args.resolve_teacher_dtype(torch.float32))
     meta = cache_teacher(teacher, original.data.train, args.output_dir, top_k=cache.top_k,

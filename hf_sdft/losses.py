@@ -161,7 +161,6 @@ def token_cross_entropy(
     return _reduce(total, (labels != -100).sum(), num_items_in_batch)
 
 
-
 def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence ``(n,)`` and its gradient ``(n, V)`` with respect to the student's
     tempered logits, from float32 log-probabilities ``(n, V)`` (formulas of :func:`token_divergence`).
