@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 
@@ -200,15 +201,15 @@ def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int
 def pad(rows: list[dict]) -> dict[str, torch.Tensor]:
     """A right-padded batch of examples with ``input_ids`` (and optional ``labels``): ``input_ids``,
     ``attention_mask`` (0 on padding) and ``labels`` (−100 on padding; ``input_ids`` where absent),
-    plus any other per-position column (e.g. a teacher cache's), zero-padded. Also the data
-    collator of the recovery job's trainers."""
+    plus any other per-position column (e.g. a teacher cache's), zero-padded. Values may be
+    lists, tensors or numpy arrays. Also the data collator of the recovery job's trainers."""
     width = max(len(r["input_ids"]) for r in rows)
     batch = {
         "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
         "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
         "labels": torch.full((len(rows), width), -100, dtype=torch.long),
     }
-    extra = [k for k, v in rows[0].items() if k not in batch and isinstance(v, (list, torch.Tensor))]
+    extra = [k for k, v in rows[0].items() if k not in batch and isinstance(v, (list, torch.Tensor, np.ndarray))]
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])

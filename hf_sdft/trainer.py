@@ -58,6 +58,8 @@ class SDFTMixin:
         self.teacher_cache = cache_metadata(kwargs.get("train_dataset")) if teacher_model is None else None
         if self.teacher_cache is not None:
             check_cache(self.teacher_cache, args, model)
+            # rows as numpy arrays: (T, k) blocks collate without walking nested Python lists
+            kwargs["train_dataset"] = kwargs["train_dataset"].with_format("numpy")
             if kwargs.get("data_collator") is None:
                 kwargs["data_collator"] = pad
         super().__init__(model, args, *pos, **kwargs)
