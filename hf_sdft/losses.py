@@ -190,23 +190,29 @@ def fused_chunk_size(n: int, vocab: int, hidden: int) -> int:
 
 class _FusedLinearDistillation(torch.autograd.Function):
     """Forward computes the losses chunk by chunk and, in the same pass, their gradients with
-    respect to the student's hidden states, head weight and bias; backward only scales them."""
+    respect to the student's hidden states, head weight and bias; backward only scales them.
+
+    Outputs: the KD sum, the CE sum and ``a·KD sum + b·CE sum`` for ``mix = (a, b)``. Without
+    ``mix`` the first two are differentiable (one gradient buffer each); with it only the third
+    (one buffer in all) and a part whose weight is 0 builds no gradient."""
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, kd_rows, labels, opts):
-        loss_type, beta, temperature, chunk, ce_grad, build = opts
+        loss_type, beta, temperature, chunk, mix, build = opts
         n, vocab = hs.shape[0], ws.shape[0]
         need = [build and t is not None and t.requires_grad for t in (hs, ws, bs)]
-        want_grad = any(need)
         f32 = dict(dtype=torch.float32, device=hs.device)
         sums = torch.zeros(2, **f32)  # KD sum, CE sum
-        grads = {}
-        if want_grad:
-            parts = ("kd", "ce") if (labels is not None and ce_grad) else ("kd",)
-            for part in parts:
-                grads[part] = [torch.zeros(n, hs.shape[1], **f32) if need[0] else None,
-                               torch.zeros(vocab, hs.shape[1], **f32) if need[1] else None,
-                               torch.zeros(vocab, **f32) if (bs is not None and need[2]) else None]
+        if mix is None:
+            weights = {"kd": 1.0, "ce": 1.0 if labels is not None else 0.0}
+        else:
+            weights = {"kd": mix[0], "ce": mix[1] if labels is not None else 0.0}
+        live = [part for part, w in weights.items() if not (isinstance(w, float) and w == 0.0)]
+        buffers = live if mix is None else (["mix"] if live else [])
+        grads = {} if not any(need) else {
+            part: [torch.zeros(n, hs.shape[1], **f32) if need[0] else None,
+                   torch.zeros(vocab, hs.shape[1], **f32) if need[1] else None,
+                   torch.zeros(vocab, **f32) if (bs is not None and need[2]) else None] for part in buffers}
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             h = hs[rows]
@@ -225,10 +231,12 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 log_p = log_s if temperature == 1.0 else F.log_softmax(z_s, dim=-1).clamp(min=_FLOOR)
                 picked = log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]
                 sums[1] -= (picked * valid).sum()
-                if "ce" in grads:
+                if grads and "ce" in live:
                     g_ce = log_p.exp()
                     g_ce[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
                     chunk_grads["ce"] = g_ce * valid.float()[:, None]
+            if "mix" in grads:
+                chunk_grads = {"mix": sum(weights[part] * chunk_grads[part] for part in live)}
             for part, (g_h, g_w, g_b) in grads.items():
                 g = chunk_grads[part]
                 if g_h is not None:
@@ -239,12 +247,15 @@ class _FusedLinearDistillation(torch.autograd.Function):
                     g_b += g.sum(0)
         ctx.grads = grads
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
-        return sums[0], sums[1]
+        if mix is None:
+            return sums[0], sums[1], sums.new_zeros(())
+        mixed = torch.as_tensor(mix[0] * sums[0] + (mix[1] * sums[1] if labels is not None else 0.0), **f32)
+        return sums[0], sums[1], mixed  # the caller detaches the first two
 
     @staticmethod
-    def backward(ctx, grad_kd, grad_ce):
+    def backward(ctx, grad_kd, grad_ce, grad_mix):
         out = [None, None, None]
-        for part, scale in (("kd", grad_kd), ("ce", grad_ce)):
+        for part, scale in (("kd", grad_kd), ("ce", grad_ce), ("mix", grad_mix)):
             if part not in ctx.grads or scale is None:
                 continue
             for i, g in enumerate(ctx.grads[part]):  # in place: no second copy of a (V, H) buffer
@@ -256,40 +267,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
         return (*out, None, None, None, None, None, None)
 
 
-def fused_linear_distillation_loss(
-    student_hidden: torch.Tensor,
-    student_head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    *,
-    loss_type: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    student_head_bias: torch.Tensor | None = None,
-    teacher_head_bias: torch.Tensor | None = None,
-    ce_requires_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """KD (and CE) losses of the linear heads applied to hidden states, without ever building the
-    ``(N, V)`` logits: ``(kd, ce)``, float32 scalars reduced as :func:`distillation_loss` and
-    :func:`token_cross_entropy` (``ce`` is None without ``labels``).
-
-    Args:
-        student_hidden: ``(..., H_s)``; the student logits are ``student_hidden @ W_sᵀ + b_s``.
-        student_head_weight: ``(V, H_s)``; teacher_hidden ``(..., H_t)``, teacher_head_weight ``(V, H_t)``
-            (the teacher's side is never differentiated and may live on another device).
-        mask: bool ``(...)``, the positions distilled (default: all, or those with a label).
-        labels: ``(...)`` token ids for the cross-entropy, −100 = not supervised (no shift is done).
-        chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`.
-        ce_requires_grad: False when the CE is only logged (``kd_ratio = 1``): its gradient is not built.
-
-    Each chunk computes both heads' logits in the inputs' dtype, one float32 log-softmax per side
-    shared by KD and CE (at temperature 1), and the gradients of the chunk right away, so the peak
-    memory is a chunk of logits plus gradient buffers the size of the inputs.
-    """
+def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels, loss_type, beta,
+           temperature, num_items_in_batch, chunk_size, student_head_bias, teacher_head_bias, kd_ratio):
+    """Checks, flattening and the fused pass shared by the two public functions: ``(kd, ce, mixed)``."""
     check_loss_type(loss_type)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -318,17 +298,98 @@ def fused_linear_distillation_loss(
     if not bool(keep.all()):  # rows nobody supervises cost nothing
         hs, ht, kd_rows = hs[keep], ht[keep.to(ht.device)], kd_rows[keep]
         flat_labels = None if flat_labels is None else flat_labels[keep]
+    one = torch.ones((), device=hs.device)  # sum → reduced loss: × kd_scale, × ce_scale
+    kd_scale = _reduce(one, kd_rows.sum(), num_items_in_batch) * temperature**2
+    ce_scale = None if flat_labels is None else _reduce(one, (flat_labels != -100).sum(), num_items_in_batch)
+    mix = None
+    if kd_ratio is not None:
+        if not 0.0 <= kd_ratio <= 1.0:
+            raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+        ce_weight = 1.0 - kd_ratio if ce_scale is not None else 0.0
+        mix = (kd_ratio * kd_scale if kd_ratio else 0.0, ce_weight * ce_scale if ce_weight else 0.0)
     chunk = chunk_size or fused_chunk_size(hs.shape[0], student_head_weight.shape[0], hs.shape[1])
-    opts = (loss_type, beta, temperature, chunk, ce_requires_grad, torch.is_grad_enabled())
-    kd_sum, ce_sum = _FusedLinearDistillation.apply(
+    opts = (loss_type, beta, temperature, chunk, mix, torch.is_grad_enabled())
+    kd_sum, ce_sum, mixed = _FusedLinearDistillation.apply(
         hs, student_head_weight, student_head_bias, ht, teacher_head_weight, teacher_head_bias, kd_rows, flat_labels, opts,
     )
+    if mix is not None:
+        kd_sum, ce_sum = kd_sum.detach(), ce_sum.detach()
+    return kd_sum * kd_scale, None if ce_scale is None else ce_sum * ce_scale, mixed
 
-    kd = _reduce(kd_sum, kd_rows.sum(), num_items_in_batch) * temperature**2
-    if flat_labels is None:
-        return kd, None
-    ce = _reduce(ce_sum if ce_requires_grad else ce_sum.detach(), (flat_labels != -100).sum(), num_items_in_batch)
+
+_FUSED_ARGS = """
+    Args:
+        student_hidden: ``(..., H_s)``; the student logits are ``student_hidden @ W_sᵀ + b_s``.
+        student_head_weight: ``(V, H_s)``; teacher_hidden ``(..., H_t)``, teacher_head_weight ``(V, H_t)``
+            (the teacher's side is never differentiated and may live on another device).
+        mask: bool ``(...)``, the positions distilled (default: all, or those with a label).
+        labels: ``(...)`` token ids for the cross-entropy, −100 = not supervised (no shift is done).
+        chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`.
+
+    Each chunk computes both heads' logits in the inputs' dtype, one float32 log-softmax per side
+    shared by KD and CE (at temperature 1), and the gradients of the chunk right away, so the peak
+    memory is a chunk of logits plus gradient buffers the size of the inputs.
+"""
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_head_bias: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KD (and CE) losses of the linear heads applied to hidden states, without ever building the
+    ``(N, V)`` logits: ``(kd, ce)``, float32 scalars reduced as :func:`distillation_loss` and
+    :func:`token_cross_entropy` (``ce`` is None without ``labels``), both differentiable (their
+    gradients are kept in two buffers the size of the inputs; :func:`fused_linear_kd_ce_loss`
+    keeps one).
+    """
+    kd, ce, _ = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
+                       loss_type, beta, temperature, num_items_in_batch, chunk_size, student_head_bias,
+                       teacher_head_bias, None)
     return kd, ce
+
+
+def fused_linear_kd_ce_loss(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    kd_ratio: float,
+    loss_type: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_head_bias: torch.Tensor | None = None,
+    teacher_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The trainers' loss: ``(loss, kd, ce)`` with ``loss = kd_ratio·kd + (1 − kd_ratio)·ce`` the
+    only differentiable output, its gradient built in one buffer per input (a part weighted 0
+    builds none); ``kd`` and ``ce`` as :func:`fused_linear_distillation_loss` returns them,
+    detached, for logging. Without ``labels`` the loss is ``kd_ratio·kd``.
+    """
+    kd, ce, loss = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
+                          loss_type, beta, temperature, num_items_in_batch, chunk_size, student_head_bias,
+                          teacher_head_bias, kd_ratio)
+    return loss, kd, ce
+
+
+fused_linear_distillation_loss.__doc__ += _FUSED_ARGS
+fused_linear_kd_ce_loss.__doc__ += _FUSED_ARGS
 
 
 def _topk_buckets(log_s: torch.Tensor, ids: torch.Tensor, t_logprobs: torch.Tensor, t_tail: torch.Tensor):

@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from .cka import linear_cka
 from .data import pad
-from .losses import distillation_loss, fused_linear_distillation_loss, token_cross_entropy, topk_distillation_loss
+from .losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy, topk_distillation_loss
 from .teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
 from .teacher import (
     capture_layers,
@@ -175,15 +175,15 @@ class SDFTMixin:
                 "completion_only_loss or how labels are built"
             )
         denom = num_items_in_batch if num_items_in_batch is not None else n_local
-        ce_grad = torch.is_grad_enabled() and args.kd_ratio < 1.0  # else CE is logged only
         kd_kwargs = dict(loss_type=args.kd_loss, beta=args.kd_beta, temperature=args.kd_temperature,
                          num_items_in_batch=1, chunk_size=args.kd_chunk_size)
-        if heads is not None:
-            kd_sum, ce_sum = fused_linear_distillation_loss(
+        if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
+            mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
                 s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask, shift_labels,
-                student_head_bias=s_head.bias, teacher_head_bias=t_head.bias, ce_requires_grad=ce_grad, **kd_kwargs,
+                kd_ratio=args.kd_ratio, student_head_bias=s_head.bias, teacher_head_bias=t_head.bias, **kd_kwargs,
             )
         else:
+            ce_grad = torch.is_grad_enabled() and args.kd_ratio < 1.0  # else CE is logged only
             student_logits = outputs.logits[..., :-1, :]
             with torch.set_grad_enabled(ce_grad):
                 ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
@@ -192,7 +192,8 @@ class SDFTMixin:
                 kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
             else:
                 kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
-        token_loss = ((1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum) / denom
+            mixed = (1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum
+        token_loss = mixed / denom
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
         elif num_items_in_batch is None and model.training:

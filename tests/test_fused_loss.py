@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sdft import SDFTConfig
-from hf_sdft.losses import fused_linear_distillation_loss
+from hf_sdft.losses import fused_linear_distillation_loss, fused_linear_kd_ce_loss
 
 from .helpers import cpu_args, make_model, make_texts, perturb
 from .test_trainer import logged, sdft_trainer
@@ -90,12 +90,51 @@ def test_num_items_in_batch_and_defaults():
     assert kd_only.item() == pytest.approx(all_rows.item(), rel=1e-5)
 
 
-def test_ce_requires_grad_false_builds_no_ce_gradient():
+class HeadSizedTensors(TorchDispatchMode):
+    """Counts the tensors of ``numel`` elements that operations create (gradient buffers of a head)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default):
+            self.count += out.numel() == self.numel
+        return out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_weighted_loss_gradient_in_one_buffer(ratio, temp):
     hs, ws, bs, ht, wt, bt, labels = problem()
-    kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels, ce_requires_grad=False)
-    assert not ce.requires_grad and kd.requires_grad
-    kd2, ce2 = fused_linear_distillation_loss(hs.detach(), ws.detach(), ht, wt, labels=labels)
-    assert ce.item() == pytest.approx(ce2.item()) and kd.item() == pytest.approx(kd2.item())
+    mask = labels != -100
+    mask[1, 2] = True
+    with HeadSizedTensors(ws.numel()) as buffers:
+        loss, kd, ce = fused_linear_kd_ce_loss(hs, ws, ht, wt, mask, labels, kd_ratio=ratio, temperature=temp,
+                                               num_items_in_batch=30, student_head_bias=bs, teacher_head_bias=bt)
+    assert buffers.count == 1  # the two-output function keeps two
+    assert not kd.requires_grad and not ce.requires_grad
+    loss.backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
+    zs = leaves[0].reshape(-1, 12) @ leaves[1].T + leaves[2]
+    zt = ht.double().reshape(-1, 9) @ wt.double().T + bt.double()
+    kd_sum, ce_sum = reference(zs, zt, mask.reshape(-1).double(), labels.reshape(-1), "forward_kl", 0.5, temp)
+    ref = (ratio * kd_sum + (1 - ratio) * ce_sum) / 30
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert kd.item() == pytest.approx(kd_sum.item() / 30, rel=1e-5) and ce.item() == pytest.approx(ce_sum.item() / 30, rel=1e-5)
+    for t, leaf in zip((hs, ws, bs), leaves):
+        torch.testing.assert_close(t.grad.double(), leaf.grad, rtol=1e-4, atol=1e-7)
+    with HeadSizedTensors(ws.numel()) as buffers:
+        fused_linear_distillation_loss(hs, ws, ht, wt, mask, labels)
+    assert buffers.count == 2
+
+
+def test_weighted_loss_refuses_a_ratio_outside_0_1():
+    hs, ws, _, ht, wt, _, labels = problem(bias=False)
+    with pytest.raises(ValueError, match="kd_ratio"):
+        fused_linear_kd_ce_loss(hs, ws, ht, wt, labels=labels, kd_ratio=1.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
