@@ -6,6 +6,8 @@ input dtype, so a bf16 teacher and an fp32 student never give a negative diverge
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -369,23 +371,25 @@ def fused_linear_kd_ce_loss(
     labels: torch.Tensor | None = None,
     *,
     kd_ratio: float,
-    loss_type: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    student_head_bias: torch.Tensor | None = None,
-    teacher_head_bias: torch.Tensor | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The trainers' loss: ``(loss, kd, ce)`` with ``loss = kd_ratio·kd + (1 − kd_ratio)·ce`` the
     only differentiable output, its gradient built in one buffer per input (a part weighted 0
     builds none); ``kd`` and ``ce`` as :func:`fused_linear_distillation_loss` returns them,
-    detached, for logging. Without ``labels`` the loss is ``kd_ratio·kd``.
+    detached, for logging. Without ``labels`` the loss is ``kd_ratio·kd``. ``options``: the
+    keyword arguments of :func:`fused_linear_distillation_loss` (``loss_type``, ``beta``, …).
     """
+    unknown = set(options) - set(_FUSED_OPTIONS)
+    if unknown:
+        raise TypeError(f"fused_linear_kd_ce_loss() got unexpected keyword arguments {sorted(unknown)}")
+    o = {**_FUSED_OPTIONS, **options}
     kd, ce, loss = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
-                          loss_type, beta, temperature, num_items_in_batch, chunk_size, student_head_bias,
-                          teacher_head_bias, kd_ratio)
+                          *(o[k] for k in _FUSED_OPTIONS), kd_ratio)
     return loss, kd, ce
+
+
+_FUSED_OPTIONS = {name: p.default for name, p in inspect.signature(fused_linear_distillation_loss).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 fused_linear_distillation_loss.__doc__ += _FUSED_ARGS
