@@ -88,18 +88,24 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> t
     y = y - y.mean(0, keepdim=True)
     if n <= max(x.shape[1], y.shape[1]):
         return _cka_grams(x @ x.T, y @ y.T, debiased, scale_x, scale_y)
-    xy, xx, yy = (y.T @ x).square().sum(), (x.T @ x).square().sum(), (y.T @ y).square().sum()
+    hsic = [_feature_hsic(a, b, debiased) for a, b in ((x, y), (x, x), (y, y))]
+    return _safe_ratio(*hsic, scale_x, scale_y)
+
+
+def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """HSIC of the linear kernels of centered float64 features ``x (n, d1)``, ``y (n, d2)``
+    computed in feature space, O(n·d1·d2): biased ‖YᵀX‖²/(n−1)², or the unbiased estimator.
+
+    For the unbiased one: centered features give Grams with zero row sums, so with
+    k_i = ‖x_i‖², l_i = ‖y_i‖² (the diagonals removed): tr(K̃L̃) = ‖XᵀY‖² − k·l, 1ᵀK̃1 = −Σk, K̃1 = −k.
+    """
+    n = x.shape[0]
+    cross = (y.T @ x).square().sum()
     if not debiased:
-        return _safe_ratio(xy, xx, yy, scale_x, scale_y)
-    # Unbiased HSIC in feature space. With centered features the Gram row sums vanish, so
-    # with k_i = ‖x_i‖², l_i = ‖y_i‖²: tr(K̃L̃) = ‖XᵀY‖² − k·l, 1ᵀK̃1 = −Σk, K̃1 = −k.
+        return cross / (n - 1) ** 2
     k, l = x.square().sum(1), y.square().sum(1)
-
-    def unbiased(cross: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        dot = a @ b
-        return (cross - dot + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * dot / (n - 2)) / (n * (n - 3))
-
-    return _safe_ratio(unbiased(xy, k, l), unbiased(xx, k, k), unbiased(yy, l, l), scale_x, scale_y)
+    dot = k @ l
+    return (cross - dot + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2.0 * dot / (n - 2)) / (n * (n - 3))
 
 
 def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
@@ -164,6 +170,9 @@ class MinibatchCKA:
             raise ValueError(f"expected {tuple(self.hsic_xy.shape)} layers, got {len(xs)} and {len(ys)}")
         _check_pair(xs[0], ys[0], self.debiased)
         n = xs[0].shape[0]
+        if n > max(f.shape[1] for f in (*xs, *ys)):  # feature form: O(n·d²) per pair instead of O(n²·d)
+            self._update_features(xs, ys)
+            return
         kx, ky = self._grams(xs), self._grams(ys)
         if self.debiased:
             hsic = _unbiased_from_grams
@@ -177,6 +186,25 @@ class MinibatchCKA:
             self.hsic_xy += torch.diag(torch.stack([hsic(a[None], b[None])[0, 0] for a, b in zip(kx, ky)]))
         self.hsic_xx += torch.stack([hsic(k[None], k[None])[0, 0] for k in kx])
         self.hsic_yy += torch.stack([hsic(k[None], k[None])[0, 0] for k in ky])
+        self._add_scales(xs, ys)
+
+    def _update_features(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        cx = [f.double() - f.double().mean(0, keepdim=True) for f in xs]
+        cy = [f.double() - f.double().mean(0, keepdim=True) for f in ys]
+
+        def hsic(a, b):
+            return _feature_hsic(a, b, self.debiased)
+
+        if self.cross_layers:
+            self.hsic_xy += torch.stack([torch.stack([hsic(a, b) for b in cy]) for a in cx]).cpu()
+        else:
+            self.hsic_xy += torch.diag(torch.stack([hsic(a, b) for a, b in zip(cx, cy)])).cpu()
+        self.hsic_xx += torch.stack([hsic(a, a) for a in cx]).cpu()
+        self.hsic_yy += torch.stack([hsic(b, b) for b in cy]).cpu()
+        self._add_scales(xs, ys)
+
+    def _add_scales(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        n = xs[0].shape[0]
         self.scale_x += torch.stack([(f.double() ** 2).sum().cpu() / n for f in xs]) ** 2
         self.scale_y += torch.stack([(f.double() ** 2).sum().cpu() / n for f in ys]) ** 2
         self.num_examples += n

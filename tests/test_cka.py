@@ -128,9 +128,10 @@ def test_errors():
 
 
 @pytest.mark.parametrize("debiased", [False, True])
-def test_minibatch_single_batch_equals_full(debiased):
-    xs = [torch.tensor(data(30, 6, 6, seed=s)[0]) for s in range(3)]
-    ys = [torch.tensor(data(30, 6, 5, seed=s)[1]) for s in range(3)]
+@pytest.mark.parametrize("n", [30, 5])  # feature form (n > d), Gram form
+def test_minibatch_single_batch_equals_full(debiased, n):
+    xs = [torch.tensor(data(n, 6, 6, seed=s)[0]) for s in range(3)]
+    ys = [torch.tensor(data(n, 6, 5, seed=s)[1]) for s in range(3)]
     mb = MinibatchCKA(3, 3, debiased=debiased)
     mb.update(xs, ys)
     full = torch.stack([torch.stack([linear_cka(x, y, debiased=debiased) for y in ys]) for x in xs])
