@@ -204,7 +204,8 @@ class SDFTMixin:
         if layers:
             rows = inputs.get("attention_mask")
             rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-            ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach()) for i in layers]
+            ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
+                    for i in layers]
             cka_loss = (1.0 - torch.stack(ckas).mean()).float()
             weighted = args.cka_weight * cka_loss
             loss = loss + (weighted / self.current_gradient_accumulation_steps if model.training else weighted)

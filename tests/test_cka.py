@@ -172,3 +172,13 @@ def test_cka_from_grams_matches_reference():
     x, y = data(15, 4, 4, seed=9)
     got = cka_from_grams(torch.tensor(x @ x.T), torch.tensor(y @ y.T)).item()
     assert got == pytest.approx(np_linear_cka(x, y), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [300, 6])  # feature form, Gram form
+def test_float32_cka_matches_float64_values_and_gradients(n):
+    x, y = (torch.tensor(a, dtype=torch.float32) * 20 for a in data(n, 8, 8, seed=4))
+    got, ref = (linear_cka(x.clone().requires_grad_(), y, dtype=dt) for dt in (torch.float32, torch.float64))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), abs=1e-5)
+    gx32 = torch.autograd.grad(linear_cka(x32 := x.clone().requires_grad_(), y, dtype=torch.float32), x32)[0]
+    gx64 = torch.autograd.grad(linear_cka(x64 := x.double().requires_grad_(), y), x64)[0]
+    torch.testing.assert_close(gx32.double(), gx64, rtol=1e-3, atol=1e-6)
