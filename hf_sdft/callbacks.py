@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from .cka import MinibatchCKA
 from .data import model_inputs, tokenize_probe
 from .distributed import progress_disabled, shard
-from .teacher import capture_layers, resolve_layers, teacher_context, unwrap
+from .teacher import capture_layers, forward_until_captured, resolve_layers, teacher_context, unwrap
 
 CKA_PREFIX = "cka/"
 
@@ -64,10 +64,12 @@ def measure_cka(
         for batch, counted in tqdm(shard(batches), desc="CKA", leave=False, disable=progress_disabled()):
             rows = batch["attention_mask"].bool()
             student_rows, teacher_rows = rows.to(devices[0]), rows.to(devices[1])
-            with capture_layers(student, layers) as hs:
-                student(**{k: v.to(devices[0]) for k, v in model_inputs(batch).items()}, use_cache=False)
-            with teacher_context(student, teacher) as t, capture_layers(t, layers) as ht:
-                t(**{k: v.to(devices[1]) for k, v in model_inputs(batch).items()}, use_cache=False)
+            with capture_layers(student, layers, stop=True) as hs:  # layers after the last one never run
+                forward_until_captured(student, **{k: v.to(devices[0]) for k, v in model_inputs(batch).items()},
+                                       use_cache=False)
+            with teacher_context(student, teacher) as t, capture_layers(t, layers, stop=True) as ht:
+                forward_until_captured(t, **{k: v.to(devices[1]) for k, v in model_inputs(batch).items()},
+                                       use_cache=False)
             if counted:
                 acc.update([hs[i][student_rows] for i in layers], [ht[i][teacher_rows].to(devices[0]) for i in layers])
     finally:

@@ -56,21 +56,30 @@ def resolve_layers(layers, model: nn.Module, other: nn.Module | None = None, wha
     return list(layers)
 
 
+class LayersCaptured(Exception):
+    """Raised by :func:`capture_layers` (``stop=True``) once the last listed layer has run."""
+
+
 @contextlib.contextmanager
-def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def capture_layers(model: nn.Module, layers: Sequence[int], *, stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, forward passes of ``model`` record ``{layer: hidden (B, T, D)}``.
 
-    Hooks exist only while the block runs and only on the listed layers.
+    Hooks exist only while the block runs and only on the listed layers. ``stop=True`` ends each
+    forward with :class:`LayersCaptured` right after the last listed layer (no later layer, final
+    norm or output head runs): run it through :func:`forward_until_captured`.
     """
     captured: dict[int, torch.Tensor] = {}
     if not layers:
         yield captured
         return
     blocks = decoder_layers(model)
+    last = max(layers)
 
     def hook_for(i: int):
         def hook(_module, _args, output):
             captured[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if stop and i == last:
+                raise LayersCaptured
 
         return hook
 
@@ -80,6 +89,14 @@ def capture_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int
     finally:
         for h in handles:
             h.remove()
+
+
+def forward_until_captured(model: nn.Module, **inputs) -> None:
+    """``model(**inputs)`` inside ``capture_layers(model, layers, stop=True)``."""
+    try:
+        model(**inputs)
+    except LayersCaptured:
+        pass
 
 
 def output_vocab_size(model: nn.Module) -> int:

@@ -260,3 +260,28 @@ def test_callback_works_with_plain_trainer(tmp_path, tokenizer, texts):
     history = cka_history(trainer.state.log_history)
     assert [h["step"] for h in history] == [0, 2]
     assert 0.0 < history[0]["mean"] < 1.0
+
+
+@pytest.mark.parametrize("layers", ["all", [0]])
+def test_cka_measurement_stops_after_the_last_layer_and_matches_hidden_states(tokenizer, texts, layers):
+    from hf_sdft.callbacks import measure_cka, tokenize_probe
+    from hf_sdft.cka import linear_cka
+
+    teacher = make_model(layers=3)
+    student = perturb(copy.deepcopy(teacher))
+    batches = tokenize_probe(texts[:6], tokenizer, max_tokens=10**6, batch_size=6)
+    assert len(batches) == 1
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (student.lm_head, teacher.lm_head)]
+    got_layers, got = measure_cka(student, teacher, batches, layers)
+    assert not calls  # the heads (and layers after the last measured one) never ran
+    for h in hooks:
+        h.remove()
+    rows = batches[0]["attention_mask"].bool()
+    with torch.no_grad():
+        hs, ht = (m(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"],
+                    output_hidden_states=True).hidden_states for m in (student, teacher))
+    # hidden_states[i + 1] is decoder layer i's output (the last one after the final norm: not compared)
+    expected = [linear_cka(hs[i + 1][rows], ht[i + 1][rows]).item() for i in got_layers if i + 1 < len(hs) - 1]
+    assert got_layers == ([0, 1, 2] if layers == "all" else [0])
+    assert got.tolist()[: len(expected)] == pytest.approx(expected, rel=1e-9)
