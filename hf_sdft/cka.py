@@ -95,8 +95,14 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False,
     return _safe_ratio(*hsic, scale_x, scale_y)
 
 
+def _centered(feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``(n, d)`` feature matrix in float64 with its column means removed."""
+    feats = [f.double() for f in feats]
+    return [f - f.mean(0, keepdim=True) for f in feats]
+
+
 def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> torch.Tensor:
-    """HSIC of the linear kernels of centered float64 features ``x (n, d1)``, ``y (n, d2)``
+    """HSIC of the linear kernels of centered features ``x (n, d1)``, ``y (n, d2)``
     computed in feature space, O(n·d1·d2): biased ‖YᵀX‖²/(n−1)², or the unbiased estimator.
 
     For the unbiased one: centered features give Grams with zero row sums, so with
@@ -158,12 +164,7 @@ class MinibatchCKA:
         self.num_examples = 0
 
     def _grams(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        grams = []
-        for f in feats:
-            f = f.double()
-            f = f - f.mean(0, keepdim=True)
-            grams.append(f @ f.T)
-        k = torch.stack(grams).cpu()
+        k = torch.stack([f @ f.T for f in _centered(feats)]).cpu()
         return _zero_diag(k) if self.debiased else k  # centered features give centered Grams
 
     @torch.no_grad()
@@ -192,8 +193,7 @@ class MinibatchCKA:
         self._add_scales(xs, ys)
 
     def _update_features(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
-        cx = [f.double() - f.double().mean(0, keepdim=True) for f in xs]
-        cy = [f.double() - f.double().mean(0, keepdim=True) for f in ys]
+        cx, cy = _centered(xs), _centered(ys)
 
         def hsic(a, b):
             return _feature_hsic(a, b, self.debiased)
