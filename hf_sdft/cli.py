@@ -10,13 +10,15 @@ import argparse
 import json
 import sys
 
-USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,eval,card} ...
+USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,eval,card} ...
 
   recover        degrade a model, recover it by self-distillation, print the results table
                  (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
   degrade        write the degraded student only
   cache-teacher  run the teacher once over a recipe's training data and save its top-k outputs
                  (--top_k 64 --output_dir DIR; then recover with --teacher_cache DIR)
+  study          does CKA track recovery, and cause it? recover under several arms (ce, kd, kd+cka,
+                 cka, head-kd) and seeds, correlate CKA with perplexity (--arms, --seeds; study.md)
   eval           perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
   card           (re)build the model card of a recovery output folder
 
@@ -78,6 +80,17 @@ def cmd_cache_teacher(argv: list[str]) -> dict:
     return meta
 
 
+def cmd_study(argv: list[str]) -> dict:
+    from .study import StudyArguments, run_study
+
+    rec, args, model_args, study = _recipe_parser(StudyArguments).parse_args_and_config(argv)
+    result = run_study(rec, args, model_args, study)
+    if args.process_index == 0:
+        print("\n".join(f"- {line}" for line in result["verdicts"]))
+        print(f"study saved to {study.study_dir or args.output_dir + '/study'} (study.md, study.json)")
+    return result
+
+
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
@@ -125,7 +138,8 @@ def cmd_card(argv: list[str]):
     return build(argv)
 
 
-COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "eval": cmd_eval,
+COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "study": cmd_study,
+            "eval": cmd_eval,
             "card": cmd_card}
 
 

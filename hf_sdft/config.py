@@ -37,7 +37,7 @@ def parse_layers(value) -> str | list[int]:
 class SDFTArguments:
     """Fields shared by :class:`SDFTConfig` and :class:`SDFTSFTConfig`.
 
-    Total loss = (1 − kd_ratio)·CE + kd_ratio·KD + cka_weight·(1 − mean CKA over cka_layers).
+    Total loss = output_loss_weight·[(1 − kd_ratio)·CE + kd_ratio·KD] + cka_weight·(1 − mean CKA over cka_layers).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -50,6 +50,10 @@ class SDFTArguments:
     kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; the KD loss is scaled by T²."})
     kd_ratio: float = field(default=1.0, metadata={"help": "Weight of KD vs CE: (1 − kd_ratio)·CE + kd_ratio·KD."})
     cka_weight: float = field(default=0.0, metadata={"help": "Weight of the CKA regulariser 1 − mean CKA (0 = off)."})
+    output_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the output loss (CE and KD); 0 trains on the CKA loss alone "
+                               "(CE and KD are still logged)."}
+    )
     cka_layers: str = field(
         default="all", metadata={"help": "'all' or decoder-layer indices ('0,2,3' or a YAML list) for the CKA loss."}
     )
@@ -82,6 +86,10 @@ class SDFTArguments:
             raise ValueError(f"kd_ratio={self.kd_ratio} must be in [0, 1] (1 = distillation only, 0 = plain CE)")
         if self.cka_weight < 0:
             raise ValueError(f"cka_weight={self.cka_weight} must be >= 0")
+        if self.output_loss_weight < 0:
+            raise ValueError(f"output_loss_weight={self.output_loss_weight} must be >= 0")
+        if self.output_loss_weight == 0 and self.cka_weight == 0:
+            raise ValueError("output_loss_weight=0 and cka_weight=0 leave nothing to train: set cka_weight > 0")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be a positive number of positions")
         if self.teacher_dtype not in TEACHER_DTYPES:

@@ -12,13 +12,17 @@ from tqdm.auto import tqdm
 
 from .callbacks import measure_cka, per_layer
 from .distributed import all_reduce_sum, progress_disabled, shard
+from .losses import distillation_loss
 from .teacher import unwrap
 
 
 @torch.no_grad()
-def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Summed next-token NLL (nats, float64) and scored-token count over ``batches``: every
-    token of ``attention_mask`` (padding excluded), or those of ``labels`` ≠ −100 when given.
+def held_out_sums(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], teacher: nn.Module | None = None
+) -> torch.Tensor:
+    """float64 ``[summed next-token NLL (nats), scored-token count, summed KL(teacher ‖ model)]``
+    over ``batches`` (the KL is 0 without ``teacher``). Scored: every token of ``attention_mask``
+    (padding excluded), or those of ``labels`` ≠ −100 when given.
 
     Under torch.distributed the batches are split over processes (:func:`~hf_sdft.distributed.shard`)
     and the sums all-reduced, so every process returns the single-process totals.
@@ -27,7 +31,7 @@ def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64)
     try:
         for batch, counted in tqdm(shard(batches), desc="perplexity", leave=False, disable=progress_disabled()):
             ids = batch["input_ids"].to(device)
@@ -35,12 +39,25 @@ def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             labels = batch["labels"].to(device) if "labels" in batch else ids
             target = labels[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            if counted:
-                totals[0] += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum").double().cpu()
-                totals[1] += (target != -100).sum().cpu()
+            if not counted:
+                continue
+            totals[0] += F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum").double().cpu()
+            totals[1] += (target != -100).sum().cpu()
+            if teacher is not None:
+                t_device = next(teacher.parameters()).device
+                t_logits = teacher(input_ids=ids.to(t_device), attention_mask=mask.to(t_device), use_cache=False).logits
+                totals[2] += distillation_loss(logits, t_logits[:, :-1].float().to(device), target != -100,
+                                               num_items_in_batch=1).double().cpu()
     finally:
         model.train(was_training)
     all_reduce_sum(totals)
+    return totals
+
+
+def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Summed next-token NLL (nats, float64) and scored-token count over ``batches``
+    (see :func:`held_out_sums`)."""
+    totals = held_out_sums(model, batches)
     return totals[0].item(), int(totals[1].item())
 
 

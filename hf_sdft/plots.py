@@ -85,3 +85,45 @@ def plot_loss_curves(log_history: Sequence[dict], output_dir: str | Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, Path(output_dir) / "loss_curves.png")
+
+
+def plot_study_scatter(points: Sequence[dict], output_dir: str | Path) -> Path | None:
+    """``study_scatter.png``: mean CKA (x) against held-out perplexity (y) of every study point
+    (:mod:`hf_sdft.study`: ``{"arm", "seed", "step", "cka_mean", "ppl", ...}``), coloured by arm."""
+    if not points:
+        return None
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    for arm in dict.fromkeys(p["arm"] for p in points):
+        mine = [p for p in points if p["arm"] == arm]
+        ax.scatter([p["cka_mean"] for p in mine], [p["ppl"] for p in mine], label=arm,
+                   marker="*" if arm == "degraded" else "o", s=120 if arm == "degraded" else 24, alpha=0.8)
+    ax.set(xlabel="mean linear CKA to the teacher", ylabel="held-out perplexity",
+           title="Alignment vs perplexity, every arm, seed and measured step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(output_dir) / "study_scatter.png")
+
+
+def plot_study_layers(points: Sequence[dict], output_dir: str | Path) -> Path | None:
+    """``study_layers.png``: per arm (one panel each), every layer's CKA over the measured steps,
+    averaged over seeds; step 0 is the degraded student."""
+    start = next((p for p in points if p["arm"] == "degraded"), None)
+    arms = list(dict.fromkeys(p["arm"] for p in points if p["arm"] != "degraded"))
+    if start is None or not arms:
+        return None
+    layers = sorted(start["cka"], key=int)
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    axes = fig.subplots(1, len(arms), sharey=True, squeeze=False)[0]
+    for ax, arm in zip(axes, arms):
+        steps = sorted({p["step"] for p in points if p["arm"] == arm})
+        for layer in layers:
+            means = [sum(vals) / len(vals) for vals in
+                     ([p["cka"][layer] for p in points if p["arm"] == arm and p["step"] == s] for s in steps)]
+            ax.plot([0, *steps], [start["cka"][layer], *means], marker=".", label=f"layer {layer}")
+        ax.set(title=arm, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("linear CKA to the teacher")
+    axes[-1].legend(fontsize="small")
+    fig.suptitle("Per-layer CKA during recovery (mean over seeds)")
+    return _save(fig, Path(output_dir) / "study_layers.png")

@@ -177,23 +177,25 @@ class SDFTMixin:
         denom = num_items_in_batch if num_items_in_batch is not None else n_local
         kd_kwargs = dict(loss_type=args.kd_loss, beta=args.kd_beta, temperature=args.kd_temperature,
                          num_items_in_batch=1, chunk_size=args.kd_chunk_size)
-        if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
-            mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
-                s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask, shift_labels,
-                kd_ratio=args.kd_ratio, student_head_bias=s_head.bias, teacher_head_bias=t_head.bias, **kd_kwargs,
-            )
-        else:
-            ce_grad = torch.is_grad_enabled() and args.kd_ratio < 1.0  # else CE is logged only
-            student_logits = outputs.logits[..., :-1, :]
-            with torch.set_grad_enabled(ce_grad):
-                ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
-            if self.teacher_cache is not None:
-                cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
-                kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
+        output_grad = torch.is_grad_enabled() and args.output_loss_weight > 0  # else CE and KD are logged only
+        with torch.set_grad_enabled(output_grad):
+            if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
+                mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
+                    s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
+                    shift_labels, kd_ratio=args.kd_ratio, student_head_bias=s_head.bias,
+                    teacher_head_bias=t_head.bias, **kd_kwargs,
+                )
             else:
-                kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
-            mixed = (1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum
-        token_loss = mixed / denom
+                student_logits = outputs.logits[..., :-1, :]
+                with torch.set_grad_enabled(output_grad and args.kd_ratio < 1.0):
+                    ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
+                if self.teacher_cache is not None:
+                    cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
+                    kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
+                else:
+                    kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
+                mixed = (1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum
+        token_loss = args.output_loss_weight * mixed / denom
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
         elif num_items_in_batch is None and model.training:

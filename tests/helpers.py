@@ -25,12 +25,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_model(seed: int = 0, vocab_size: int = 3 + len(CHARS), layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+def make_model(seed: int = 0, vocab_size: int = 3 + len(CHARS), layers: int = 2, hidden: int = 32,
+               **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
         initializer_range=0.1,  # peakier outputs than the default 0.02: a clearer distillation signal
+        **config,
     )
     return LlamaForCausalLM(config)
 

@@ -1,0 +1,97 @@
+"""The alignment study (``hf-sdft study``) on two unlike models and three degradations.
+
+    python benchmarks/study.py                                    # everything (about 1 h on 2 CPU cores)
+    python benchmarks/study.py --models second --recipes prune-50 --update   # redo one study
+
+Models and data as in ``benchmarks/recovery.py`` (``embedded``: the shipped Llama on KJV text;
+``second``: the Qwen2 model on Shakespeare). Each study: the five arms (ce, kd, kd+cka, cka,
+head-kd) × three seeds, 100 steps × 8 × 128 tokens, measured every 25 steps on 64 held-out
+blocks (CKA on 16 probe blocks). Writes ``benchmarks/results/study.md`` (each study's table,
+correlations and verdicts, with its command) and its figures under ``benchmarks/results/study/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+from recovery import MODELS, ROOT
+
+from hf_sdft.cli import _recipe_parser
+from hf_sdft.study import StudyArguments, run_study
+from hf_sdft.study_report import report_markdown
+
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = RESULTS / "study"
+RECIPES = ("quanto-int4", "prune-50", "forgetting")
+BUDGET = [
+    "--max_steps", "100", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+    "--block_size", "128", "--bf16", "false", "--gradient_checkpointing", "false", "--warmup_steps", "10",
+    "--disable_tqdm", "true", "--logging_steps", "50", "--forgetting_steps", "200", "--max_eval_blocks", "64",
+    "--probe_blocks", "16", "--measure_points", "4", "--seeds", "0,1,2",
+]
+
+
+def argv_for(model: str, recipe: str, out: Path) -> list[str]:
+    flags, narrow = MODELS[model]
+    return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow if recipe == "forgetting" else []), *BUDGET,
+            "--output_dir", str(out), "--study_dir", str(out)]
+
+
+def command(argv: list[str]) -> str:
+    return "hf-sdft study " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
+
+
+def run_one(model: str, recipe: str, out: Path) -> dict:
+    argv = argv_for(model, recipe, out)
+    rec, args, model_args, study = _recipe_parser(StudyArguments).parse_args_and_config(argv)
+    started = time.time()
+    result = run_study(rec, args, model_args, study)
+    figures = FIGURES / f"{model}-{recipe}"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name in ("study_scatter.png", "study_layers.png"):
+        shutil.copy(out / name, figures / name)
+    return {**result, "command": command(argv), "seconds": time.time() - started}
+
+
+def write_report(studies: dict) -> None:
+    lines = ["# Alignment study results", "",
+             "Made by `python benchmarks/study.py` (see its docstring). Each section is one `hf-sdft study` run; "
+             "its command is under its title. Numbers as they came out.", ""]
+    verdicts = []
+    for key, result in studies.items():
+        lines.append(report_markdown(
+            result, {"mean CKA vs perplexity": f"study/{key}/study_scatter.png",
+                     "per-layer CKA trajectories": f"study/{key}/study_layers.png"},
+            title=key, level=2, note=f"`{result['command']}` ({result['seconds'] / 60:.0f} min)"))
+        verdicts += [f"- **{key}**: {v}" for v in result["verdicts"]]
+    lines[4:4] = ["## Verdicts, every study", "", *verdicts, ""]
+    (RESULTS / "study.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    p.add_argument("--out", default="/tmp/hf-sdft-study")
+    p.add_argument("--update", action="store_true", help="keep the other studies from results/study.json")
+    p.add_argument("--report_only", action="store_true", help="rewrite study.md from study.json, run nothing")
+    a = p.parse_args()
+    saved = RESULTS / "study.json"
+    studies = json.loads(saved.read_text()) if (a.update or a.report_only) and saved.exists() else {}
+    if not a.report_only:
+        for model in a.models:
+            for recipe in a.recipes:
+                key = f"{model}-{recipe}"
+                studies[key] = run_one(model, recipe, Path(a.out) / key)
+                saved.write_text(json.dumps(studies, indent=1))
+                write_report(studies)
+    write_report(studies)
+
+
+if __name__ == "__main__":
+    main()
