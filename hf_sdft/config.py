@@ -16,6 +16,8 @@ from .losses import LOSS_TYPES
 
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_CONTEXTS = ("prompt", "demonstration")
+TEACHER_KINDS = ("base", "ema")
 
 
 def parse_layers(value) -> str | list[int]:
@@ -75,6 +77,35 @@ class SDFTArguments:
         default=None, metadata={"help": "Device of the online teacher (e.g. cuda:1 or cpu); default: the student's."}
     )
 
+    on_policy_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction λ of batches replaced by the student's own samples (GKD-style): "
+                               "the student continues each prompt, the teacher grades every sampled token (KD only)."}
+    )
+    prompt_length: int = field(
+        default=32, metadata={"help": "On-policy prompts of plain-text blocks: their first prompt_length tokens "
+                              "(chat data: the prompt part)."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per on-policy prompt."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of on-policy batches."})
+    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus (top-p) sampling of on-policy batches."})
+    generation_top_k: int = field(default=0, metadata={"help": "Top-k sampling of on-policy batches (0 = off)."})
+    teacher_context: str = field(
+        default="prompt",
+        metadata={"help": "What the teacher sees on on-policy batches: prompt (the student's) | demonstration "
+                  "(teacher_prompt_template with the reference answer or privileged_context)."},
+    )
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={"help": "The demonstration teacher's prompt (TRL's SDFT field): {prompt} and {privileged_context}."},
+    )
+    teacher_model_kind: str = field(
+        default="base", metadata={"help": "base (the frozen original) | ema (an exponential average of the student)."}
+    )
+    teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate per optimizer step (ema teacher)."})
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Generate with vLLM (a GPU and trl[vllm]); not available in this version."}
+    )
+
     def __post_init__(self):
         if self.kd_loss not in LOSS_TYPES:
             raise ValueError(f"kd_loss={self.kd_loss!r} is unknown: choose one of {', '.join(LOSS_TYPES)}")
@@ -94,8 +125,32 @@ class SDFTArguments:
             raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be a positive number of positions")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: choose one of {', '.join(TEACHER_DTYPES)}")
+        self._check_generation()
         self.cka_layers = parse_layers(self.cka_layers)
         super().__post_init__()
+
+    def _check_generation(self):
+        if not 0.0 <= self.on_policy_ratio <= 1.0:
+            raise ValueError(f"on_policy_ratio={self.on_policy_ratio} must be in [0, 1] (0 = off-policy, 1 = every batch)")
+        for name in ("prompt_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive number of tokens")
+        if self.generation_temperature <= 0 or not 0.0 < self.generation_top_p <= 1.0 or self.generation_top_k < 0:
+            raise ValueError("generation_temperature must be > 0, generation_top_p in (0, 1] and generation_top_k >= 0")
+        if self.teacher_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"teacher_context={self.teacher_context!r}: choose one of {', '.join(TEACHER_CONTEXTS)}")
+        if self.teacher_context == "demonstration" and self.on_policy_ratio == 0:
+            raise ValueError("teacher_context='demonstration' grades the student's own samples: set on_policy_ratio > 0 "
+                             "(1 = every batch)")
+        if "{prompt}" not in self.teacher_prompt_template or "{privileged_context}" not in self.teacher_prompt_template:
+            raise ValueError("teacher_prompt_template must contain {prompt} and {privileged_context}")
+        if self.teacher_model_kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher_model_kind={self.teacher_model_kind!r}: choose one of {', '.join(TEACHER_KINDS)}")
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]")
+        if self.use_vllm:
+            raise ValueError("use_vllm: vLLM generation is not part of this version; on-policy batches are sampled "
+                             "with model.generate (set use_vllm false)")
 
     def resolve_teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
         """The teacher's dtype: as set, or for ``auto`` bfloat16 where this device runs it natively, else the student's."""

@@ -24,6 +24,8 @@ import torch
 from datasets import Dataset, load_dataset
 
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
+TEACHER_PROMPT = "teacher_prompt_ids"  # column: the demonstration teacher's prompt tokens (on-policy batches)
+RAGGED_FILL = -100  # fill of a collated TEACHER_PROMPT column (its rows have their own lengths)
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EXTENSIONS = (".txt", *TABLE_BUILDERS)
 DEFAULT_SPLITS = {  # shipped with the embedded default model: (train, eval, narrow train, narrow eval)
@@ -176,10 +178,37 @@ def example_ids(tokenizer, example: dict) -> tuple[list[int], int]:
     return full, n
 
 
-def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int | None = None) -> Dataset:
+def _text_of(content) -> str:
+    """A message list's text contents joined by line breaks, or the string itself."""
+    if isinstance(content, list):
+        return "\n".join(str(m.get("content", "")) for m in content if m.get("content"))
+    return str(content)
+
+
+def teacher_prompt_ids(tokenizer, example: dict, template: str) -> list[int]:
+    """The demonstration teacher's prompt of a chat example (TRL SDFT's construction): ``template``
+    filled with the prompt (a conversation's last user turn) and the ``privileged_context`` column,
+    or the reference completion where there is none; rendered like the student's prompt."""
+    prompt, completion = split_prompt(example)
+    context = _text_of(example["privileged_context"] if example.get("privileged_context") else completion)
+    if isinstance(prompt, list):
+        last = prompt[-1]
+        if last.get("role") != "user":
+            raise ValueError(f"a conversation's prompt does not end with a user turn: {prompt!r}")
+        turn = {"role": "user", "content": template.format(prompt=_text_of(last["content"]), privileged_context=context)}
+        return _chat_ids(tokenizer, [*prompt[:-1], turn], generation_prompt=True)
+    return list(tokenizer(template.format(prompt=prompt, privileged_context=context))["input_ids"])
+
+
+def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int | None = None,
+                      teacher_template: str | None = None) -> Dataset:
     """Chat / instruction examples → ``input_ids``, ``attention_mask`` and ``labels`` (−100 on the
-    prompt), cut to ``max_length`` tokens; examples left with no completion token are dropped."""
+    prompt), cut to ``max_length`` tokens; examples left with no completion token are dropped.
+    With ``teacher_template``, also the demonstration teacher's prompt (``TEACHER_PROMPT`` column,
+    :func:`teacher_prompt_ids`)."""
     rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    if teacher_template is not None:
+        rows[TEACHER_PROMPT] = []
     for example in ds:
         ids, n_prompt = example_ids(tokenizer, example)
         ids = ids[:max_length]
@@ -188,6 +217,8 @@ def tokenize_examples(tokenizer, ds: Dataset, max_length: int, max_examples: int
         rows["input_ids"].append(ids)
         rows["attention_mask"].append([1] * len(ids))
         rows["labels"].append([-100] * n_prompt + ids[n_prompt:])
+        if teacher_template is not None:
+            rows[TEACHER_PROMPT].append(teacher_prompt_ids(tokenizer, example, teacher_template))
         if max_examples is not None and len(rows["input_ids"]) >= max_examples:
             break
     if not rows["input_ids"]:
@@ -209,7 +240,13 @@ def pad(rows: list[dict]) -> dict[str, torch.Tensor]:
         "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
         "labels": torch.full((len(rows), width), -100, dtype=torch.long),
     }
-    extra = [k for k, v in rows[0].items() if k not in batch and isinstance(v, (list, torch.Tensor, np.ndarray))]
+    extra = [k for k, v in rows[0].items()
+             if k not in batch and k != TEACHER_PROMPT and isinstance(v, (list, torch.Tensor, np.ndarray))]
+    if TEACHER_PROMPT in rows[0]:
+        prompts = [list(r[TEACHER_PROMPT]) for r in rows]
+        batch[TEACHER_PROMPT] = torch.full((len(rows), max(map(len, prompts))), RAGGED_FILL, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            batch[TEACHER_PROMPT][i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
@@ -300,10 +337,11 @@ class RecoveryData:
         return [model_inputs(b) for b in as_batches(self.train.select(range(min(n, len(self.train)))), batch_size)]
 
 
-def load_recovery_data(rec, tokenizer, default_model: bool) -> RecoveryData:
+def load_recovery_data(rec, tokenizer, default_model: bool, teacher_template: str | None = None) -> RecoveryData:
     """The training, held-out and (when ``rec`` names one or degrades by forgetting) narrow-task
     data of a recovery run; ``rec`` is a :class:`~hf_sdft.config.RecoveryArguments`. Unset sources
-    fall back to the data shipped with the embedded default model (``rec.default_data``)."""
+    fall back to the data shipped with the embedded default model (``rec.default_data``). With
+    ``teacher_template`` the chat training sets carry the demonstration teacher's prompts."""
     defaults = dict(zip(("train", "eval", "narrow_train", "narrow_eval"), DEFAULT_SPLITS[rec.default_data]))
 
     def examples(role: str, dataset_name: str | None, data_file: str | None) -> Dataset:
@@ -324,7 +362,7 @@ def load_recovery_data(rec, tokenizer, default_model: bool) -> RecoveryData:
                             batch_size=rec.eval_batch_size)
         if fmt == "text":
             return pack_blocks(tokenizer, texts_of(ds, rec.dataset_text_field), rec.block_size)
-        return tokenize_examples(tokenizer, ds, rec.block_size)
+        return tokenize_examples(tokenizer, ds, rec.block_size, teacher_template=teacher_template)
 
     def pair(prefix: str, dataset_name: str | None) -> tuple:
         """(train, held-out) of one task, checked to share a format before any tokenization."""

@@ -63,7 +63,8 @@ def load(rec: RecoveryArguments, args: SDFTConfig, model_args) -> Original:
     own = rec.student_name_or_path is not None
     dtype = args.resolve_teacher_dtype(torch.float32) if own else torch.float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return Original(path, tokenizer, model, load_recovery_data(rec, tokenizer, default_model))
+    template = args.teacher_prompt_template if args.teacher_context == "demonstration" else None
+    return Original(path, tokenizer, model, load_recovery_data(rec, tokenizer, default_model, template))
 
 
 def make_student(original: Original, rec: RecoveryArguments, args: SDFTConfig, model_args) -> Student:

@@ -8,18 +8,20 @@ geometry) is distilled into the student.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 from trl import SFTTrainer
 
 from .cka import linear_cka
 from .data import pad
 from .losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy, topk_distillation_loss
+from .on_policy import TEACHER_PROMPT, OnPolicySampler
 from .teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
 from .teacher import (
     capture_layers,
@@ -31,9 +33,13 @@ from .teacher import (
     plain_head,
     resolve_layers,
     teacher_context,
+    unwrap,
 )
 
 logger = logging.get_logger(__name__)
+TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "attention_mask",
+                  "teacher_position_ids": "position_ids"}  # on-policy batches: the teacher's own sequence
+NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
 
 
 class SDFTMixin:
@@ -63,6 +69,9 @@ class SDFTMixin:
             if kwargs.get("data_collator") is None:
                 kwargs["data_collator"] = pad
         super().__init__(model, args, *pos, **kwargs)
+        if self.args.teacher_model_kind == "ema":  # starts as the student, then follows it (TRL SDFT's ema teacher)
+            teacher_model = copy.deepcopy(unwrap(self.model))
+            self.add_callback(EMATeacherCallback(self))
         if teacher_model is None and self.teacher_cache is None and not is_peft(self.model):
             raise ValueError(
                 "no teacher: pass teacher_model= (the original model or its path), set "
@@ -76,6 +85,17 @@ class SDFTMixin:
                 "the student has no trainable parameter (was it copied from a frozen teacher?): "
                 "call student.requires_grad_(True), or give it PEFT adapters"
             )
+        if self.args.on_policy_ratio > 0 and self.teacher_cache is not None:
+            raise ValueError("on_policy_ratio > 0 needs a teacher to grade the student's samples, which a teacher "
+                             "cache cannot do: train with the online teacher")
+        columns = getattr(self.train_dataset, "column_names", None)
+        if self.args.teacher_context == "demonstration" and columns is not None and TEACHER_PROMPT not in columns:
+            raise ValueError(
+                f"teacher_context='demonstration' needs the teacher's prompt of each example (a '{TEACHER_PROMPT}' "
+                "column): give chat or prompt/completion data tokenized by hf_sdft.data.tokenize_examples(..., "
+                "teacher_template=args.teacher_prompt_template), as the recovery job does"
+            )
+        self.on_policy = OnPolicySampler(self.args, self.processing_class) if self.args.on_policy_ratio > 0 else None
         reference = teacher_model if teacher_model is not None else self.model
         self.cka_loss_layers = (
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
@@ -125,6 +145,8 @@ class SDFTMixin:
         super()._set_signature_columns_if_needed()
         if self.teacher_cache is not None and self._signature_columns is not None:
             self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS]
+        if self.args.teacher_context == "demonstration" and self._signature_columns is not None:
+            self._signature_columns = [*self._signature_columns, TEACHER_PROMPT]
 
     def _fused_heads(self) -> tuple[nn.Linear, nn.Linear] | None:
         """(student head, teacher head) for the fused loss, or None (with the reason logged) when a
@@ -151,12 +173,30 @@ class SDFTMixin:
         hidden = {i: h.to(student_device) for i, h in hidden.items()}
         return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A fraction ``on_policy_ratio`` of micro-batches is replaced by the student's own samples
+        (:mod:`hf_sdft.on_policy`); those are normalised by their own token count."""
+        if self.on_policy is not None:
+            on = self.on_policy.draw()
+            window = self._sdft_metrics["train"]
+            window["on_policy/fraction"].append(torch.tensor(float(on)))
+            if on:
+                inputs, figures = self.on_policy.batch(model, inputs)
+                for key, value in figures.items():
+                    window[f"on_policy/{key}"].append(torch.tensor(value))
+                num_items_in_batch = None
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", *CACHE_COLUMNS)}
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         model_inputs["use_cache"] = False
+        on_policy = "teacher_input_ids" in inputs  # KD only, on the sampled tokens
+        teacher_inputs = ({name: inputs[key] for key, name in TEACHER_INPUTS.items()} | {"use_cache": False}
+                          if on_policy else model_inputs)
+        kd_ratio = 1.0 if on_policy else args.kd_ratio
         layers = self.cka_loss_layers
         heads = self.fused_heads if not return_outputs else None  # callers asking for outputs get logits
         s_head, t_head = heads or (None, None)
@@ -164,7 +204,7 @@ class SDFTMixin:
                 (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
             outputs = model(**model_inputs)
         if self.teacher_cache is None:
-            teacher_out, teacher_hidden = self._teacher_forward(model_inputs, layers, t_head)
+            teacher_out, teacher_hidden = self._teacher_forward(teacher_inputs, layers, t_head)
 
         shift_labels = labels[..., 1:]
         mask = shift_labels != -100
@@ -182,19 +222,19 @@ class SDFTMixin:
             if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
                 mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
                     s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
-                    shift_labels, kd_ratio=args.kd_ratio, student_head_bias=s_head.bias,
+                    shift_labels, kd_ratio=kd_ratio, student_head_bias=s_head.bias,
                     teacher_head_bias=t_head.bias, **kd_kwargs,
                 )
             else:
                 student_logits = outputs.logits[..., :-1, :]
-                with torch.set_grad_enabled(output_grad and args.kd_ratio < 1.0):
+                with torch.set_grad_enabled(output_grad and kd_ratio < 1.0):
                     ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
                 if self.teacher_cache is not None:
                     cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
                     kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
                 else:
                     kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
-                mixed = (1.0 - args.kd_ratio) * ce_sum + args.kd_ratio * kd_sum
+                mixed = (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
         token_loss = args.output_loss_weight * mixed / denom
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
@@ -206,6 +246,8 @@ class SDFTMixin:
         if layers:
             rows = inputs.get("attention_mask")
             rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+            if on_policy:  # the prompts differ (demonstration): compare the sampled positions only
+                rows = labels != -100
             ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
                     for i in layers]
             cka_loss = (1.0 - torch.stack(ckas).mean()).float()
@@ -241,6 +283,22 @@ class SDFTMixin:
             tags = kwargs.get("tags") or []
             kwargs["tags"] = sorted({*([tags] if isinstance(tags, str) else tags), *self._tag_names})
         super().create_model_card(*args, **kwargs)
+
+
+class EMATeacherCallback(TrainerCallback):
+    """After every optimizer step, moves the trainer's (EMA) teacher toward the student:
+    t ← (1 − r)·t + r·s with r = ``teacher_update_rate``."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        teacher = unwrap(self.trainer.teacher_model)
+        pairs = zip(teacher.parameters(), unwrap(self.trainer.model).parameters(), strict=True)
+        for t, s in pairs:
+            if t.is_floating_point():
+                t.lerp_(s.detach().to(t.device, t.dtype), args.teacher_update_rate)
 
 
 class SDFTTrainer(SDFTMixin, Trainer):
