@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3
 
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
-from hf_sdft.losses import distillation_loss, fused_linear_distillation_loss, token_cross_entropy
+from hf_sdft.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
 from hf_sdft.teacher_cache import cache_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,9 @@ def _loss_memory(method: str, n: int, queue) -> None:
     ws.grad = torch.zeros_like(ws)  # the head's gradient exists in every method: not counted
     hs.grad = torch.zeros_like(hs)
     before = peak_rss_mb()
-    if method == "fused":
-        kd, ce = fused_linear_distillation_loss(hs, ws, ht, wt, labels=labels)
+    if method == "fused":  # the trainers' call: one gradient buffer for the weighted sum
+        loss, kd, ce = fused_linear_kd_ce_loss(hs, ws, ht, wt, labels=labels, kd_ratio=0.5)
+        kd, ce = loss, loss.new_zeros(())
     else:
         zs = hs @ ws.T
         with torch.no_grad():
