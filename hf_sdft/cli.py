@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,eval,card} ...
+USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,rewrite,eval,card} ...
 
   recover        degrade a model, recover it by self-distillation, print the results table
                  (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
@@ -19,6 +19,8 @@ USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,eval,card} ...
                  (--top_k 64 --output_dir DIR; then recover with --teacher_cache DIR)
   study          does CKA track recovery, and cause it? recover under several arms (ce, kd, kd+cka,
                  cka, head-kd) and seeds, correlate CKA with perplexity (--arms, --seeds; study.md)
+  rewrite        the original model rewrites a fine-tuning set's responses in its own words
+                 (--train_file DATA.jsonl --output_file OUT.jsonl; resumable)
   eval           perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
   card           (re)build the model card of a recovery output folder
 
@@ -91,6 +93,24 @@ def cmd_study(argv: list[str]) -> dict:
     return result
 
 
+def cmd_rewrite(argv: list[str]) -> dict:
+    from transformers import AutoTokenizer, HfArgumentParser
+
+    from .data import default_model_path
+    from .rewrite import RewriteArguments, rewrite_file
+    from .student import load_model, model_folder
+
+    (a,) = HfArgumentParser(RewriteArguments).parse_args_into_dataclasses(argv)
+    if a.train_file is None or a.output_file is None:
+        raise SystemExit("hf-sdft rewrite needs --train_file DATA.jsonl and --output_file OUT.jsonl")
+    name = a.model_name_or_path or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(name, "model_name_or_path"))
+    counts = rewrite_file(load_model(name), tokenizer, a)
+    print(f"{counts['rewritten']} of {counts['rows']} responses rewritten, {counts['kept']} references kept "
+          f"({counts['skipped']} rows were already done); saved to {a.output_file}")
+    return counts
+
+
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
@@ -138,7 +158,7 @@ def cmd_card(argv: list[str]):
     return build(argv)
 
 
-COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "study": cmd_study,
+COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "study": cmd_study, "rewrite": cmd_rewrite,
             "eval": cmd_eval,
             "card": cmd_card}
 

@@ -171,7 +171,7 @@ class SDFTSFTConfig(SDFTArguments, SFTConfig):
 
 logger = logging.get_logger(__name__)
 DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
-FORGETTING_MODES = ("recover", "prevent")
+FORGETTING_MODES = ("recover", "prevent", "rewrite")
 
 
 @dataclass
@@ -222,7 +222,14 @@ class RecoveryArguments:
     narrow_dataset_name: str | None = None
     narrow_train_file: str | None = field(default=None, metadata={"help": "Narrow task for the forgetting recipe."})
     narrow_eval_file: str | None = field(default=None, metadata={"help": "Narrow task held out (its perplexity is reported)."})
-    forgetting_mode: str = field(default="recover", metadata={"help": "recover (SFT, then SDFT) | prevent (CE+KD in one run)"})
+    forgetting_mode: str = field(
+        default="recover",
+        metadata={"help": "recover (SFT, then SDFT) | prevent (CE+KD in one run) | rewrite (the original rewrites the "
+                  "narrow responses, hf-sdft rewrite, then SFT on the rewrites)"},
+    )
+    rewrite_answer_regex: str | None = field(
+        default=None, metadata={"help": "rewrite mode: a rewrite whose answer (group 1) differs from the reference's "
+                                "keeps the reference, e.g. 'is (-?[0-9]+)'."})
     forgetting_steps: int = field(default=200, metadata={"help": "Plain SFT steps on the narrow task."})
     forgetting_learning_rate: float = 1e-3
     eval_batch_size: int = 16

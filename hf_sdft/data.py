@@ -178,7 +178,7 @@ def example_ids(tokenizer, example: dict) -> tuple[list[int], int]:
     return full, n
 
 
-def _text_of(content) -> str:
+def message_text(content) -> str:
     """A message list's text contents joined by line breaks, or the string itself."""
     if isinstance(content, list):
         return "\n".join(str(m.get("content", "")) for m in content if m.get("content"))
@@ -190,12 +190,12 @@ def teacher_prompt_ids(tokenizer, example: dict, template: str) -> list[int]:
     filled with the prompt (a conversation's last user turn) and the ``privileged_context`` column,
     or the reference completion where there is none; rendered like the student's prompt."""
     prompt, completion = split_prompt(example)
-    context = _text_of(example["privileged_context"] if example.get("privileged_context") else completion)
+    context = message_text(example["privileged_context"] if example.get("privileged_context") else completion)
     if isinstance(prompt, list):
         last = prompt[-1]
         if last.get("role") != "user":
             raise ValueError(f"a conversation's prompt does not end with a user turn: {prompt!r}")
-        turn = {"role": "user", "content": template.format(prompt=_text_of(last["content"]), privileged_context=context)}
+        turn = {"role": "user", "content": template.format(prompt=message_text(last["content"]), privileged_context=context)}
         return _chat_ids(tokenizer, [*prompt[:-1], turn], generation_prompt=True)
     return list(tokenizer(template.format(prompt=prompt, privileged_context=context))["input_ids"])
 

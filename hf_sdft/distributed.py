@@ -1,4 +1,4 @@
-"""The two torch.distributed helpers the measurements need (no-ops in one process)."""
+"""torch.distributed helpers for the measurements and the job (no-ops in one process)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(buf)
     tensor.copy_(buf.cpu())
     return tensor
+
+
+def wait_for_everyone() -> None:
+    """A barrier under torch.distributed; nothing otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -27,6 +27,7 @@ from .callbacks import CKACallback
 from .cards import STATS_FILE, push_recovered, write_card
 from .config import RecoveryArguments, SDFTConfig
 from .data import RecoveryData, default_model_path, load_recovery_data
+from .distributed import wait_for_everyone
 from .evaluation import measure
 from .stats import build_stats, downstream_scores
 from .student import Student, add_lora, degraded_student, finish_training, model_folder, own_student, save_student
@@ -79,9 +80,15 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     ``output_dir``); returns the trainer (None in ``prevent`` mode, which trains in one run from
     the original)."""
     teacher, data = original.model, original.data
-    if rec.student_name_or_path is None and rec.degradation == "forgetting" and rec.forgetting_mode == "prevent":
+    mode = rec.forgetting_mode if rec.student_name_or_path is None and rec.degradation == "forgetting" else "recover"
+    if mode == "prevent":
         student.model = copy.deepcopy(teacher).requires_grad_(True)  # narrow CE + KD to the original in one run
         sft_on_narrow(student.model, original.tokenizer, data, args, rec, kd_teacher=teacher)
+        return None
+    if mode == "rewrite":  # plain SFT from the original, on the original's own rewrites of the narrow task
+        student.model = copy.deepcopy(teacher).requires_grad_(True)
+        narrow = rewritten_narrow_task(original, rec, args)
+        sft_on_narrow(student.model, original.tokenizer, dataclasses.replace(data, narrow_train=narrow), args, rec)
         return None
     lora_added = bool(model_args.use_peft)
     if lora_added:
@@ -99,6 +106,31 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
     finish_training(student, lora_added)
     return trainer
+
+
+def rewritten_narrow_task(original: Original, rec: RecoveryArguments, args: SDFTConfig):
+    """``forgetting_mode: rewrite``: the narrow training file rewritten by the original
+    (``output_dir/narrow_rewritten.jsonl``, resumed when present), tokenized for training."""
+    from .data import DEFAULT_SPLITS, default_data_file, load_examples, tokenize_examples
+    from .rewrite import RewriteArguments, rewrite_file
+
+    source = rec.narrow_train_file
+    if source is None and rec.narrow_dataset_name is None and original.path == default_model_path():
+        source = default_data_file(DEFAULT_SPLITS[rec.default_data][2])
+    if source is None or not str(source).endswith(".jsonl"):
+        raise ValueError("forgetting_mode rewrite rewrites a local chat / prompt-completion .jsonl: set "
+                         "narrow_train_file (or run hf-sdft rewrite and pass its output as narrow_train_file "
+                         "with forgetting_mode recover)")
+    target = Path(args.output_dir) / "narrow_rewritten.jsonl"
+    if args.process_index == 0:  # one process writes; the others wait and read
+        rewrite_file(original.model, original.tokenizer, RewriteArguments(
+            train_file=str(source), output_file=str(target), answer_regex=rec.rewrite_answer_regex,
+            batch_size=rec.eval_batch_size))
+    wait_for_everyone()
+    examples = load_examples(data_file=str(target))
+    if original.data.fmt != "chat":
+        raise ValueError("forgetting_mode rewrite needs chat or prompt/completion data (default_data chat)")
+    return tokenize_examples(original.tokenizer, examples, rec.block_size)
 
 
 def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
