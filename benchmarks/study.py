@@ -23,7 +23,7 @@ from recovery import MODELS, ROOT
 
 from hf_sdft.cli import _recipe_parser
 from hf_sdft.study import StudyArguments, run_study
-from hf_sdft.study_report import report_markdown
+from hf_sdft.study_report import analyse, report_markdown
 
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = RESULTS / "study"
@@ -64,6 +64,8 @@ def write_report(studies: dict) -> None:
              "its command is under its title. Numbers as they came out.", ""]
     verdicts = []
     for key, result in studies.items():
+        settings = {"eval_items": 64, "probe_items": 16} | result["settings"]  # BUDGET's, for studies saved without
+        result.update(analyse(result["points"], result["teacher_ppl"], settings))  # today's statistics and verdicts
         lines.append(report_markdown(
             result, {"mean CKA vs perplexity": f"study/{key}/study_scatter.png",
                      "per-layer CKA trajectories": f"study/{key}/study_layers.png"},

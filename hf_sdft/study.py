@@ -197,8 +197,8 @@ def run_study(rec: RecoveryArguments, args: SDFTConfig, model_args, study: Study
         "max_steps": args.max_steps, "learning_rate": args.learning_rate,
         "batch": f"{args.per_device_train_batch_size} × {rec.block_size} tokens × {args.gradient_accumulation_steps}",
         "measure_steps": study.measure_steps(args.max_steps), "cka_weight": study.study_cka_weight,
-        "kd_loss": args.kd_loss, "eval_batches": len(original.data.eval.batches),
-        "probe_batches": len(original.data.eval.probe_batches),
+        "kd_loss": args.kd_loss, "eval_items": sum(len(b["input_ids"]) for b in original.data.eval.batches),
+        "probe_items": len(original.data.eval.probe),
     }
     result = analyse(points, teacher_ppl, settings, resamples=study.bootstrap_resamples)
     if args.process_index == 0:

@@ -130,6 +130,11 @@ def verdicts(arms: dict, stats: dict) -> list[str]:
         what = (f"{name} recovered R = {_fmt(r, 2)} with alignment A = {_fmt(a, 2)} "
                 f"(mean CKA {_fmt(arms[name]['cka_mean'], 4)})")
         out.append(f"{what}: {READINGS[name, recovered, realigned]}.")
+    for name in NATURAL_ARMS:  # a natural arm that recovered while its CKA fell: recovery against realignment
+        if name in arms and None not in (arms[name]["R"]["mean"], arms[name]["A"]["mean"]) \
+                and arms[name]["R"]["mean"] >= RECOVERED and arms[name]["A"]["mean"] < 0:
+            out.append(f"{name} recovered R = {_fmt(arms[name]['R'], 2)} while its CKA fell (A = "
+                       f"{_fmt(arms[name]['A'], 2)}): recovery with the geometry moving away from the teacher's.")
     if "kd" in arms and "kd+cka" in arms and None not in (arms["kd"]["R"]["mean"], arms["kd+cka"]["R"]["mean"]):
         dr = arms["kd+cka"]["R"]["mean"] - arms["kd"]["R"]["mean"]
         dc = arms["kd+cka"]["cka_mean"]["mean"] - arms["kd"]["cka_mean"]["mean"]
@@ -186,7 +191,7 @@ def report_markdown(result: dict, figures: dict[str, str] | None = None, *, titl
         f"{'#' * level} {title}", "", *([note, ""] if note else []),
         f"Model `{s['model']}`, degradation {s['degradation'].get('kind')}; {s['max_steps']} steps of "
         f"{s['batch']} per run, learning rate {s['learning_rate']}, seeds {s['seeds']}, measured at steps "
-        f"{s['measure_steps']} on {s['eval_batches']} held-out batches (CKA on {s['probe_batches']} probe batches). "
+        f"{s['measure_steps']} on {s['eval_items']} held-out blocks or examples (CKA on the first {s['probe_items']}). "
         f"Teacher perplexity {result['teacher_ppl']:.2f}; degraded {degraded['ppl']:.2f} with mean CKA "
         f"{degraded['cka_mean']:.4f}.", "",
         "R: fraction of the perplexity gap closed; A: fraction of the CKA gap to 1 closed (mean ± std over seeds).", "",

@@ -77,7 +77,7 @@ def test_rewrite_command(tmp_path):
 def test_forgetting_rewrite_mode_on_the_embedded_model(tmp_path):
     narrow = tmp_path / "narrow.jsonl"
     narrow.write_text("".join(open(default_data_file("narrow_chat_train")).readlines()[:16]))
-    argv = ["--config", "recipes/forgetting-chat.yaml", "--forgetting_mode", "rewrite", "--narrow_train_file",
+    argv = ["--config", "recipes/forgetting-rewrite.yaml", "--narrow_train_file",
             str(narrow), "--rewrite_answer_regex", "is (-?[0-9]+)", "--forgetting_steps", "6", "--max_steps", "4",
             "--block_size", "128", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
             "--gradient_accumulation_steps", "1", "--bf16", "false", "--gradient_checkpointing", "false",

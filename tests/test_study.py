@@ -123,11 +123,11 @@ class TestStudyArguments:
 
 def synthetic_points(seeds=(0, 1, 2)):
     """A degraded start at ppl 30 / CKA 0.90 (teacher ppl 20) and, per seed, two steps of each arm:
-    kd recovers and realigns; head-kd recovers with CKA exactly unchanged; cka realigns without recovery."""
+    ce recovers while CKA falls; kd recovers and realigns; head-kd recovers with CKA exactly unchanged; cka realigns without recovery."""
     rng = np.random.default_rng(0)
     layers = lambda v: {"0": v - 0.01, "1": v + 0.01}  # noqa: E731
     points = [{"arm": "degraded", "seed": None, "step": 0, "ppl": 30.0, "kd": 0.5, "cka_mean": 0.90, "cka": layers(0.90)}]
-    ends = {"kd": (22.0, 0.97, 0.1), "head-kd": (25.0, 0.90, 0.3), "cka": (29.8, 0.96, 0.48), "kd+cka": (22.1, 0.98, 0.1)}
+    ends = {"ce": (24.0, 0.85, 0.4), "kd": (22.0, 0.97, 0.1), "head-kd": (25.0, 0.90, 0.3), "cka": (29.8, 0.96, 0.48), "kd+cka": (22.1, 0.98, 0.1)}
     for seed in seeds:
         for arm, (ppl, cka, kd) in ends.items():
             for step, frac in ((5, 0.5), (10, 1.0)):
@@ -155,10 +155,11 @@ def test_analysis_summaries_statistics_and_verdicts():
     assert overall["pearson"]["value"] == pytest.approx(scipy_stats.pearsonr(x, y).statistic)
     low, high = overall["spearman"]["ci95"]
     assert low <= overall["spearman"]["value"] <= high
-    assert result["statistics"]["natural_arms"]["n_points"] == 1 + 3 * 2 * 2  # degraded + kd, kd+cka
-    text = "\n".join(result["verdicts"])
+    assert result["statistics"]["natural_arms"]["n_points"] == 1 + 3 * 3 * 2  # degraded + ce, kd, kd+cka
+    text = "\n- ".join(result["verdicts"])
     assert "head-kd recovered R = 0.50" in text and "recovery without realignment" in text
     assert "realignment without recovery: raising CKA is not sufficient" in text
+    assert "ce recovered R = 0.60" in text and "while its CKA fell" in text and "- kd recovered" not in "- " + text
     final_cka = {a: np.mean([p["cka_mean"] for p in points if p["arm"] == a and p["step"] == 10]) for a in ("kd", "kd+cka")}
     assert f"The CKA regulariser on top of KD changed mean CKA by {final_cka['kd+cka'] - final_cka['kd']:+.3f}" in text
 
