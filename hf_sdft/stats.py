@@ -20,6 +20,10 @@ def downstream_scores(rec, tokenizer, models: dict) -> dict:
             for name, model in models.items()}
 
 
+GENERATION_FIELDS = ("on_policy_ratio", "prompt_length", "max_new_tokens", "generation_temperature", "generation_top_p",
+                     "generation_top_k", "teacher_context", "teacher_model_kind")
+
+
 def build_stats(rec, args, model_args, model_path, student, teacher_m, before, after, trainer, downstream,
                 seconds) -> dict:
     """Every figure of the run; ``teacher_m`` / ``before`` / ``after`` come from
@@ -35,6 +39,10 @@ def build_stats(rec, args, model_args, model_path, student, teacher_m, before, a
             "steps": steps, "tokens_seen": steps * args.per_device_train_batch_size
             * args.gradient_accumulation_steps * args.world_size * rec.block_size,
             "lora": bool(model_args.use_peft), "lora_r": model_args.lora_r if model_args.use_peft else None,
+            "train_seconds": next((e["train_runtime"] for e in reversed(trainer.state.log_history)
+                                   if "train_runtime" in e), None) if trainer is not None else None,
+            **({"generation": {name: getattr(args, name) for name in GENERATION_FIELDS}} if args.on_policy_ratio > 0 else {}),
+            **({"forgetting_mode": rec.forgetting_mode} if rec.degradation == "forgetting" else {}),
         },
         "data": {k: v for k, v in asdict(rec).items() if k.endswith(("_file", "_name", "_split")) and v is not None},
         "perplexity": {"teacher": teacher_m["ppl"], "degraded": before["ppl"], "recovered": after["ppl"]},

@@ -33,8 +33,11 @@ def test_on_policy_recovery_recipes(tmp_path, recipe):
     logs = on_policy_logs(state)
     assert logs and all(0 <= e["on_policy/fraction"] <= 1 for e in logs)
     assert any(e.get("on_policy/gen_tokens", 0) > 0 for e in logs)  # some batches were sampled
-    assert stats["recovery"]["steps"] == 4
+    assert stats["recovery"]["steps"] == 4 and stats["recovery"]["train_seconds"] > 0
     assert stats["perplexity"]["recovered"] < stats["perplexity"]["degraded"] * 1.5
+    assert stats["recovery"]["generation"] | {"on_policy_ratio": 0.5, "max_new_tokens": 16, "teacher_context": "prompt"} \
+        == stats["recovery"]["generation"]
+    assert "| on-policy batches | λ = 0.5: 16 tokens sampled" in (tmp_path / "README.md").read_text()
 
 
 def test_demonstration_recipe_trains_on_its_own_samples(tmp_path, monkeypatch):

@@ -1,0 +1,129 @@
+"""Generation-based self-distillation on two unlike models: on-policy fractions λ, the
+demonstration-conditioned teacher and rewriting.
+
+    python benchmarks/generation.py                      # everything (about 40 min on 2 CPU cores)
+    python benchmarks/generation.py --models embedded --tables chat --update
+
+Models and budget as in ``benchmarks/recovery.py`` (100 steps × 8 × 128 tokens, the model's
+learning rate). Tables:
+
+- ``text``: recipes/forgetting-onpolicy.yaml (plain-text forgetting, recovered with reverse KL)
+  with λ = 0, 0.5, 1, plus λ = 0 given as many steps as the λ = 1 run's wall-clock allowed;
+- ``int2``: recipes/quanto-int2-onpolicy.yaml with the same λ values;
+- ``chat`` (embedded model only: the second model has no chat template): recipes/forgetting-chat.yaml
+  recovered with λ = 0, 0.5, 1 (reverse KL) and λ = 0 at equal wall-clock; then the two variants
+  that replace the narrow SFT itself: forgetting-demonstration (on-policy, the teacher sees the
+  reference answer) and forgetting-rewrite (SFT on the original's rewrites).
+
+Writes ``benchmarks/results/generation.md`` (and ``generation.json``); every row carries its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+from recovery import MODELS, ROOT
+
+from hf_sdft.cli import _recipe_parser
+from hf_sdft.recover import run_recovery
+
+RESULTS = ROOT / "benchmarks" / "results"
+BUDGET = [
+    "--max_steps", "100", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+    "--block_size", "128", "--bf16", "false", "--gradient_checkpointing", "false", "--warmup_steps", "10",
+    "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "50", "--cka_every_n_steps", "50",
+    "--forgetting_steps", "200", "--max_new_tokens", "64", "--prompt_length", "32", "--kd_loss", "reverse_kl",
+]
+TABLES = {  # name: (recipe, models, narrow flags needed)
+    "text": ("forgetting-onpolicy", ("embedded", "second"), True),
+    "int2": ("quanto-int2-onpolicy", ("embedded", "second"), False),
+    "chat": ("forgetting-chat", ("embedded",), False),
+}
+RATIOS = ("0", "0.5", "1")
+
+
+def argv_for(model: str, recipe: str, narrow: bool, out: Path, *extra: str) -> list[str]:
+    flags, narrow_flags = MODELS[model]
+    return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow_flags if narrow else []), *BUDGET, *extra,
+            "--output_dir", str(out)]
+
+
+def command(argv: list[str]) -> str:
+    return "hf-sdft recover " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
+
+
+def job(argv: list[str]) -> dict:
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    started = time.time()
+    stats = run_recovery(rec, args, model_args)
+    steps = stats["recovery"]["steps"]
+    seconds = stats["recovery"]["train_seconds"] or stats["seconds"]  # prevent / rewrite: the whole job
+    return {"R": stats["recovery_ratio"], "ppl": stats["perplexity"], "narrow": stats.get("narrow_perplexity"),
+            "seconds": time.time() - started, "train_seconds": seconds, "steps": steps,
+            "seconds_per_step": (seconds / steps) if seconds else None, "command": command(argv)}
+
+
+def run_table(name: str, model: str, out: Path) -> dict:
+    recipe, _, narrow = TABLES[name]
+    rows = {}
+    for ratio in RATIOS:
+        rows[f"λ = {ratio}"] = job(argv_for(model, recipe, narrow or name == "chat", out / f"l{ratio}",
+                                            "--on_policy_ratio", ratio))
+    budget = rows["λ = 1"]["train_seconds"] / rows["λ = 0"]["seconds_per_step"]
+    rows["λ = 0, λ = 1's wall-clock"] = job(argv_for(model, recipe, narrow or name == "chat", out / "l0-time",
+                                                      "--on_policy_ratio", "0", "--max_steps", str(round(budget))))
+    if name == "chat":
+        for variant in ("forgetting-demonstration", "forgetting-rewrite"):
+            extra = ["--rewrite_answer_regex", "is (-?[0-9]+)"] if variant.endswith("rewrite") else []
+            rows[variant] = job(argv_for(model, variant, False, out / variant, *extra))
+    return rows
+
+
+def fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def write_report(tables: dict) -> None:
+    lines = ["# Generation-based self-distillation", "",
+             "Made by `python benchmarks/generation.py` (see its docstring): 100 steps × 8 × 128 tokens, reverse KL, "
+             "64 sampled tokens per on-policy prompt (prompts: the first 32 tokens of a block, or a chat example's "
+             "prompt), on 2 shared CPU cores. R: fraction of the general perplexity gap closed (for the "
+             "demonstration and rewrite rows, which replace the narrow SFT itself, the gap between plain SFT and "
+             "the original). Numbers as they came out.", ""]
+    for key, rows in tables.items():
+        lines += [f"## {key}", "", "| run | R | general ppl: teacher / degraded / after | narrow ppl after | "
+                  "s / step | command |", "|---|---:|---|---:|---:|---|"]
+        for run, r in rows.items():
+            p, n = r["ppl"], r["narrow"] or {}
+            lines.append(f"| {run} | {fmt(r['R'])} | {p['teacher']:.2f} / {p['degraded']:.2f} / {p['recovered']:.2f} | "
+                         f"{fmt(n.get('recovered'), '.1f')} | {fmt(r['seconds_per_step'], '.2f')} | `{r['command']}` |")
+        lines.append("")
+    (RESULTS / "generation.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--tables", nargs="*", default=list(TABLES))
+    p.add_argument("--out", default="/tmp/hf-sdft-generation")
+    p.add_argument("--update", action="store_true", help="keep the other tables from results/generation.json")
+    p.add_argument("--report_only", action="store_true", help="rewrite generation.md from generation.json")
+    a = p.parse_args()
+    saved = RESULTS / "generation.json"
+    tables = json.loads(saved.read_text()) if (a.update or a.report_only) and saved.exists() else {}
+    if not a.report_only:
+        for name in a.tables:
+            for model in (m for m in a.models if m in TABLES[name][1]):
+                key = f"{model}, {name}"
+                tables[key] = run_table(name, model, Path(a.out) / f"{model}-{name}")
+                saved.write_text(json.dumps(tables, indent=1))
+                write_report(tables)
+    write_report(tables)
+
+
+if __name__ == "__main__":
+    main()
