@@ -56,7 +56,12 @@ def test_two_processes_without_use_cpu_fail_early(tmp_path):
     assert proc.returncode != 0 and "On CPU pass --use_cpu true" in proc.stderr
 
 
-def test_recipe_end_to_end_on_two_ranks(tmp_path):
+ON_POLICY = ["--on_policy_ratio", "0.5", "--max_new_tokens", "8", "--prompt_length", "8",
+             "--gradient_accumulation_steps", "2", "--logging_steps", "1"]
+
+
+@pytest.mark.parametrize("extra", [[], ON_POLICY], ids=["off-policy", "on-policy"])
+def test_recipe_end_to_end_on_two_ranks(tmp_path, extra):
     write_tiny_inputs(tmp_path)
     out = tmp_path / "out"
     proc = launch("-m", "hf_sdft.cli", "recover", "--config", "recipes/prune-50.yaml",
@@ -64,8 +69,11 @@ def test_recipe_end_to_end_on_two_ranks(tmp_path):
                   "--eval_file", str(tmp_path / "eval.txt"), "--output_dir", str(out), "--block_size", "32",
                   "--max_steps", "6", "--save_steps", "3", "--cka_every_n_steps", "3", "--probe_blocks", "8",
                   "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--disable_tqdm", "true",
-                  "--use_cpu", "true")
+                  "--use_cpu", "true", *extra)
     stats = json.loads((out / "sdft_stats.json").read_text())
+    if extra:  # the same on-policy draws on both ranks: whole steps were sampled
+        logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "on_policy/fraction" in e]
+        assert logs and any(e.get("on_policy/gen_tokens", 0) > 0 for e in logs)
     assert stats["world_size"] == 2
     assert "recovered perplexity" in proc.stdout
     from transformers import AutoModelForCausalLM

@@ -79,6 +79,16 @@ def test_pruned_recovery_keeps_exact_sparsity(tiny, tmp_path, pattern):
     assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]  # it trained
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_on_policy_recovery_keeps_exact_sparsity(tiny, tmp_path, lora):
+    peft = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"] if lora else []
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--on_policy_ratio", "1", "--max_new_tokens", "8",
+                       "--prompt_length", "8", "--kd_loss", "reverse_kl", "--learning_rate", "1e-2", *peft)
+    assert sparsity_report(AutoModelForCausalLM.from_pretrained(tmp_path))["total"] == pytest.approx(0.5, abs=1e-9)
+    assert stats["recovery"]["generation"]["on_policy_ratio"] == 1.0 and stats["recovery"]["lora"] == lora
+    assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]
+
+
 def test_pruned_lora_student_merges_without_losing_sparsity(tiny, tmp_path):
     stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--use_peft", "true", "--lora_r", "4",
                        "--lora_target_modules", "q_proj", "v_proj", "up_proj", "--learning_rate", "5e-2")
