@@ -37,6 +37,7 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
+from hf_sdft.config import RecoveryArguments, RecoveryConfig
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
 from hf_sdft.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
 from hf_sdft.teacher_cache import cache_teacher
@@ -254,20 +255,25 @@ def part_callback(a) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     teacher = AutoModelForCausalLM.from_pretrained(default_model_path()).requires_grad_(False)
     train = pack_blocks(tokenizer, load_texts(data_file=default_data_file("train")), 128)
-    probe = pack_blocks(tokenizer, load_texts(data_file=default_data_file("eval")), 128, max_blocks=32)
+    job = RecoveryArguments()  # the recovery job's defaults: probe blocks, measurement period, batch
+    probe = pack_blocks(tokenizer, load_texts(data_file=default_data_file("eval")), job.block_size,
+                        max_blocks=job.probe_blocks)
     times = {"without": [], "with": []}
     for _ in range(a.repeats):
         for name in times:
-            args = SDFTConfig(output_dir=tempfile.mkdtemp(), max_steps=a.callback_steps, per_device_train_batch_size=8,
+            args = SDFTConfig(output_dir=tempfile.mkdtemp(), max_steps=a.callback_steps,
+                              per_device_train_batch_size=RecoveryConfig.per_device_train_batch_size,
                               save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=25, use_cpu=True)
-            callbacks = [CKACallback(probe, every_n_steps=50, max_tokens=32 * 128)] if name == "with" else []
+            callbacks = ([CKACallback(probe, every_n_steps=job.cka_every_n_steps, max_tokens=len(probe) * job.block_size)]
+                         if name == "with" else [])
             trainer = SDFTTrainer(model=copy.deepcopy(teacher).requires_grad_(True), args=args, teacher_model=teacher,
                                   train_dataset=train, processing_class=tokenizer, data_collator=pad, callbacks=callbacks)
             t0 = time.perf_counter()
             trainer.train()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"seconds": med, "overhead_percent": 100 * (med["with"] / med["without"] - 1), "steps": a.callback_steps}
+    return {"seconds": med, "overhead_percent": 100 * (med["with"] / med["without"] - 1), "steps": a.callback_steps,
+            "batch": RecoveryConfig.per_device_train_batch_size}
 
 
 # ---------------------------------------------------------------------------- report
@@ -350,7 +356,7 @@ def report(results: dict) -> str:
         r = results["callback"]
         heading("## CKACallback overhead", "callback")
         lines += [f"At the recovery job's settings (32 probe blocks of 128 tokens, every 50 steps, plus train begin and "
-                  f"end), over {r['steps']} SDFT steps of 8 × 128 tokens on the embedded model: "
+                  f"end), over {r['steps']} SDFT steps of {r.get('batch', 8)} × 128 tokens on the embedded model: "
                   f"{r['overhead_percent']:+.1f}% of the training time (target ≤ 3%: "
                   f"{verdict(r['overhead_percent'], 3.0)}).", ""]
     discussion = ROOT / "benchmarks" / "speed_discussion.md"  # hand-written reading of the numbers
@@ -367,7 +373,7 @@ def main() -> None:
     p.add_argument("--big_steps", type=int, default=3, help="timed steps a round on the 0.6B shape")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache_steps", type=int, default=100)
-    p.add_argument("--callback_steps", type=int, default=100)
+    p.add_argument("--callback_steps", type=int, default=RecoveryConfig.max_steps, help="default: the job's")
     p.add_argument("--update", action="store_true", help="keep the other parts from results/speed.json")
     p.add_argument("--report_only", action="store_true", help="rewrite speed.md from speed.json, running nothing")
     a = p.parse_args()

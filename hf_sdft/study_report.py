@@ -149,8 +149,9 @@ def verdicts(arms: dict, stats: dict) -> list[str]:
                   "no clear association")
         line = f"Across all {stats['all']['n_points']} points, Spearman(mean CKA, perplexity) = {_interval(overall)}: {tracks}"
         if partial["value"] is not None:
+            direction = "lower" if partial["value"] < 0 else "higher"
             line += (f"; with the held-out KD loss held fixed, {_interval(partial)}: " +
-                     ("CKA still tracks perplexity beyond the output match" if _excludes_zero(partial)
+                     (f"at equal output match, higher CKA goes with {direction} perplexity" if _excludes_zero(partial)
                       else "CKA adds nothing once the output match is known"))
         out.append(line + ".")
     return out
