@@ -20,18 +20,16 @@ Writes ``benchmarks/results/generation.md`` (and ``generation.json``); every row
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import time
 from pathlib import Path
 
-from recovery import MODELS, ROOT
+from common import RESULTS, command, parse_and_load
+from recovery import MODELS
 
 from hf_sdft.cli import _recipe_parser
 from hf_sdft.recover import run_recovery
 
-RESULTS = ROOT / "benchmarks" / "results"
 BUDGET = [
     "--max_steps", "100", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
     "--block_size", "128", "--bf16", "false", "--gradient_checkpointing", "false", "--warmup_steps", "10",
@@ -50,10 +48,6 @@ def argv_for(model: str, recipe: str, narrow: bool, out: Path, *extra: str) -> l
     flags, narrow_flags = MODELS[model]
     return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow_flags if narrow else []), *BUDGET, *extra,
             "--output_dir", str(out)]
-
-
-def command(argv: list[str]) -> str:
-    return "hf-sdft recover " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
 
 
 def job(argv: list[str]) -> dict:
@@ -106,21 +100,13 @@ def write_report(tables: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--tables", nargs="*", default=list(TABLES))
-    p.add_argument("--out", default="/tmp/hf-sdft-generation")
-    p.add_argument("--update", action="store_true", help="keep the other tables from results/generation.json")
-    p.add_argument("--report_only", action="store_true", help="rewrite generation.md from generation.json")
-    a = p.parse_args()
-    saved = RESULTS / "generation.json"
-    tables = json.loads(saved.read_text()) if (a.update or a.report_only) and saved.exists() else {}
+    a, tables = parse_and_load(__doc__, RESULTS / "generation.json", "/tmp/hf-sdft-generation", models=MODELS, tables=TABLES)
     if not a.report_only:
         for name in a.tables:
             for model in (m for m in a.models if m in TABLES[name][1]):
                 key = f"{model}, {name}"
                 tables[key] = run_table(name, model, Path(a.out) / f"{model}-{name}")
-                saved.write_text(json.dumps(tables, indent=1))
+                (RESULTS / "generation.json").write_text(json.dumps(tables, indent=1))
                 write_report(tables)
     write_report(tables)
 

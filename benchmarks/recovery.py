@@ -15,22 +15,20 @@ loop written here (AdamW, no Trainer, same batches, schedule and learning rate).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common import RESULTS, ROOT, command, parse_and_load
+
 from hf_sdft.cli import _recipe_parser
 from hf_sdft.evaluation import measure, recovery_ratio
 from hf_sdft.recover import load, make_student, run_recovery
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SECOND = ROOT / "tests" / "assets" / "second_model"
 TARGETS = {"quanto-int2": 0.7, "prune-50": 0.8, "prune-2of4": 0.6, "forgetting": 0.9}
 BUDGET = [  # 100 steps × 8 × 128 tokens on CPU, the same for every model and method
@@ -56,10 +54,6 @@ def argv_for(model: str, recipe: str, method: str, out: Path, lr: str | None = N
     loss = ["--kd_ratio", "0.0"] if method == "plain CE" else ["--kd_ratio", "1.0"]
     return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow if recipe == "forgetting" else []), *BUDGET,
             *loss, "--output_dir", str(out)]
-
-
-def command(argv: list[str]) -> str:
-    return "hf-sdft recover " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
 
 
 def job(argv: list[str]) -> dict:
@@ -157,16 +151,10 @@ def write_report(runs: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--recipes", nargs="*", default=list(TARGETS))
-    p.add_argument("--out", default="/tmp/hf-sdft-bench")
-    p.add_argument("--lr", default=None, help="learning rate for every run instead of the model's (tables named 'MODEL, lr X')")
-    p.add_argument("--update", action="store_true", help="keep the other tables from results/recovery.json")
-    p.add_argument("--report_only", action="store_true", help="rewrite recovery.md from recovery.json, run nothing")
-    a = p.parse_args()
-    previous = RESULTS / "recovery.json"
-    runs: dict = json.loads(previous.read_text()) if (a.update or a.report_only) and previous.exists() else {}
+    lr = ("--lr", {"default": None, "help": "learning rate for every run instead of the model's (tables named "
+                   "'MODEL, lr X')"})
+    a, runs = parse_and_load(__doc__, RESULTS / "recovery.json", "/tmp/hf-sdft-bench", [lr], models=MODELS,
+                             recipes=TARGETS)
     if not a.report_only:
         for model in a.models:
             table = model if a.lr is None else f"{model}, lr {a.lr}"

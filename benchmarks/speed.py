@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+from common import RESULTS, ROOT
+
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
 from hf_sdft.config import RecoveryArguments, RecoveryConfig
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
 from hf_sdft.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
 from hf_sdft.teacher_cache import cache_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 HIDDEN, VOCAB = 1024, 151_936
 CONFIGS = {  # name: SDFT fields (None: plain Trainer CE)
     "plain CE (Trainer)": None,

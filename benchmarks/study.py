@@ -12,20 +12,18 @@ correlations and verdicts, with its command) and its figures under ``benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import shutil
 import time
 from pathlib import Path
 
-from recovery import MODELS, ROOT
+from common import RESULTS, command, parse_and_load
+from recovery import MODELS
 
 from hf_sdft.cli import _recipe_parser
 from hf_sdft.study import StudyArguments, run_study
 from hf_sdft.study_report import analyse, report_markdown
 
-RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = RESULTS / "study"
 RECIPES = ("quanto-int4", "prune-50", "forgetting")
 BUDGET = [
@@ -42,10 +40,6 @@ def argv_for(model: str, recipe: str, out: Path) -> list[str]:
             "--output_dir", str(out), "--study_dir", str(out)]
 
 
-def command(argv: list[str]) -> str:
-    return "hf-sdft study " + shlex.join(str(a).replace(str(ROOT) + "/", "") for a in argv)
-
-
 def run_one(model: str, recipe: str, out: Path) -> dict:
     argv = argv_for(model, recipe, out)
     rec, args, model_args, study = _recipe_parser(StudyArguments).parse_args_and_config(argv)
@@ -55,7 +49,7 @@ def run_one(model: str, recipe: str, out: Path) -> dict:
     figures.mkdir(parents=True, exist_ok=True)
     for name in ("study_scatter.png", "study_layers.png"):
         shutil.copy(out / name, figures / name)
-    return {**result, "command": command(argv), "seconds": time.time() - started}
+    return {**result, "command": command(argv, "study"), "seconds": time.time() - started}
 
 
 def write_report(studies: dict) -> None:
@@ -76,21 +70,13 @@ def write_report(studies: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--recipes", nargs="*", default=list(RECIPES))
-    p.add_argument("--out", default="/tmp/hf-sdft-study")
-    p.add_argument("--update", action="store_true", help="keep the other studies from results/study.json")
-    p.add_argument("--report_only", action="store_true", help="rewrite study.md from study.json, run nothing")
-    a = p.parse_args()
-    saved = RESULTS / "study.json"
-    studies = json.loads(saved.read_text()) if (a.update or a.report_only) and saved.exists() else {}
+    a, studies = parse_and_load(__doc__, RESULTS / "study.json", "/tmp/hf-sdft-study", models=MODELS, recipes=RECIPES)
     if not a.report_only:
         for model in a.models:
             for recipe in a.recipes:
                 key = f"{model}-{recipe}"
                 studies[key] = run_one(model, recipe, Path(a.out) / key)
-                saved.write_text(json.dumps(studies, indent=1))
+                (RESULTS / "study.json").write_text(json.dumps(studies, indent=1))
                 write_report(studies)
     write_report(studies)
 
