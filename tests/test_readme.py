@@ -63,3 +63,20 @@ def test_main_command_on_the_embedded_default(tmp_path):
     assert p["degraded"] > p["teacher"]  # int4 per-channel is a real degradation of the default model
     assert p["recovered"] < p["degraded"]
     assert stats["degradation"]["weights"] == "int4"
+
+
+@pytest.mark.slow
+def test_study_command_from_readme(tmp_path):
+    """README's `hf-sdft study` line on the embedded default, with a shorter budget appended."""
+    line = block_after("study-command", "bash").strip()
+    assert line.startswith("hf-sdft study ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_sdft.cli", *line.split()[1:], "--max_steps", "6", "--measure_points", "2",
+         "--bootstrap_resamples", "100", "--disable_tqdm", "true", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert {p["arm"] for p in result["points"]} == {"degraded", "ce", "kd", "kd+cka", "cka", "head-kd"}
+    assert {p["seed"] for p in result["points"] if p["seed"] is not None} == {0, 1}
+    assert "head-kd recovered" in proc.stdout and (tmp_path / "study" / "study.md").exists()
