@@ -93,7 +93,8 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     lora_added = bool(model_args.use_peft)
     if lora_added:
         add_lora(student, model_args, args.output_dir, args.should_save)
-    callbacks = [CKACallback(data.eval.probe, teacher_model=teacher if rec.teacher_cache else None, every_n_steps=rec.cka_every_n_steps,
+    measured_against = teacher if rec.teacher_cache or args.teacher_model_kind == "ema" else None  # else the trainer's
+    callbacks = [CKACallback(data.eval.probe, teacher_model=measured_against, every_n_steps=rec.cka_every_n_steps,
                              max_tokens=len(data.eval.probe) * rec.block_size), *student.callbacks()]
     train_data = load_from_disk(rec.teacher_cache) if rec.teacher_cache else data.train
     # the recovered student (with its card) is pushed once at the end, never the checkpoints

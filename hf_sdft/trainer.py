@@ -178,12 +178,12 @@ class SDFTMixin:
         (:mod:`hf_sdft.on_policy`); those are normalised by their own token count."""
         if self.on_policy is not None:
             on = self.on_policy.draw()
-            window = self._sdft_metrics["train"]
-            window["on_policy/fraction"].append(torch.tensor(float(on)))
+            window, device = self._sdft_metrics["train"], self.accelerator.device  # reduced with the loss parts
+            window["on_policy/fraction"].append(torch.tensor(float(on), device=device))
             if on:
                 inputs, figures = self.on_policy.batch(model, inputs)
                 for key, value in figures.items():
-                    window[f"on_policy/{key}"].append(torch.tensor(value))
+                    window[f"on_policy/{key}"].append(torch.tensor(value, device=device))
                 num_items_in_batch = None
         return super().training_step(model, inputs, num_items_in_batch)
 
