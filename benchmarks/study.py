@@ -65,7 +65,8 @@ def write_report(studies: dict) -> None:
                      "per-layer CKA trajectories": f"study/{key}/study_layers.png"},
             title=key, level=2, note=f"`{result['command']}` ({result['seconds'] / 60:.0f} min)"))
         verdicts += [f"- **{key}**: {v}" for v in result["verdicts"]]
-    lines[4:4] = ["## Verdicts, every study", "", *verdicts, ""]
+    reading = Path(__file__).with_name("study_discussion.md")  # the hand-written reading of the numbers
+    lines[4:4] = [*([reading.read_text(), ""] if reading.exists() else []), "## Verdicts, every study", "", *verdicts, ""]
     (RESULTS / "study.md").write_text("\n".join(lines))
 
 

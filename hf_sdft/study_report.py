@@ -22,6 +22,7 @@ from .plots import plot_study_layers, plot_study_scatter
 
 RECOVERED = 0.2
 REALIGNED = 0.2
+NEGLIGIBLE_R = 0.01  # a change of R this small counts as none, however small the seed spread
 NATURAL_ARMS = ("ce", "kd", "kd+cka")  # arms that train outputs and geometry together
 # (intervention arm, recovered, realigned) → what it says about the claim that realignment drives recovery
 READINGS = {
@@ -139,7 +140,8 @@ def verdicts(arms: dict, stats: dict) -> list[str]:
         dr = arms["kd+cka"]["R"]["mean"] - arms["kd"]["R"]["mean"]
         dc = arms["kd+cka"]["cka_mean"]["mean"] - arms["kd"]["cka_mean"]["mean"]
         noise = max(arms["kd"]["R"]["std"] or 0.0, arms["kd+cka"]["R"]["std"] or 0.0)
-        effect = "within the seed spread" if abs(dr) <= noise else ("better" if dr > 0 else "worse")
+        effect = ("within the seed spread" if abs(dr) <= max(noise, NEGLIGIBLE_R)
+                  else "better" if dr > 0 else "worse")
         out.append(f"The CKA regulariser on top of KD changed mean CKA by {dc:+.3f} and R by {dr:+.3f} "
                    f"({effect}; seed spread of R ±{noise:.3f}).")
     overall, partial = stats["all"]["spearman"], stats["all"]["partial_spearman_given_kd"]
