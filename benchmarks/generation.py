@@ -89,12 +89,13 @@ def write_report(tables: dict) -> None:
              "demonstration and rewrite rows, which replace the narrow SFT itself, the gap between plain SFT and "
              "the original). Numbers as they came out.", ""]
     for key, rows in tables.items():
-        lines += [f"## {key}", "", "| run | R | general ppl: teacher / degraded / after | narrow ppl after | "
-                  "s / step | command |", "|---|---:|---|---:|---:|---|"]
+        lines += [f"## {key}", "", "| run | R | general ppl: teacher / degraded / after | narrow ppl: teacher / "
+                  "degraded / after | s / step | command |", "|---|---:|---|---|---:|---|"]
         for run, r in rows.items():
-            p, n = r["ppl"], r["narrow"] or {}
+            p, n = r["ppl"], r["narrow"]
+            narrow = " / ".join(fmt(n[k], ".1f") for k in ("teacher", "degraded", "recovered")) if n else "n/a"
             lines.append(f"| {run} | {fmt(r['R'])} | {p['teacher']:.2f} / {p['degraded']:.2f} / {p['recovered']:.2f} | "
-                         f"{fmt(n.get('recovered'), '.1f')} | {fmt(r['seconds_per_step'], '.2f')} | `{r['command']}` |")
+                         f"{narrow} | {fmt(r['seconds_per_step'], '.2f')} | `{r['command']}` |")
         lines.append("")
     (RESULTS / "generation.md").write_text("\n".join(lines))
 
