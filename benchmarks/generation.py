@@ -97,6 +97,9 @@ def write_report(tables: dict) -> None:
             lines.append(f"| {run} | {fmt(r['R'])} | {p['teacher']:.2f} / {p['degraded']:.2f} / {p['recovered']:.2f} | "
                          f"{narrow} | {fmt(r['seconds_per_step'], '.2f')} | `{r['command']}` |")
         lines.append("")
+    reading = Path(__file__).with_name("generation_discussion.md")  # the hand-written reading of the numbers
+    if reading.exists():
+        lines[4:4] = [reading.read_text(), ""]
     (RESULTS / "generation.md").write_text("\n".join(lines))
 
 
