@@ -32,6 +32,11 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor, prompt_le
     return out
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its EOS id where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_padded(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(len(rows), width)``: each row right-aligned after padding."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -106,7 +111,7 @@ class OnPolicySampler:
     def __init__(self, args, tokenizer):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
 
     def draw(self) -> bool:

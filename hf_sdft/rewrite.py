@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import message_text, split_prompt
-from .on_policy import left_padded
+from .data import _chat_ids, message_text, split_prompt
+from .on_policy import left_padded, pad_token_id
 
 DEFAULT_TEMPLATE = (
     "Here is an instruction and a reference answer to it. Answer the instruction in your own words, "
@@ -90,16 +90,14 @@ def accepted(rewrite: str, reference: str, args: RewriteArguments) -> bool:
 def generation_prompt(tokenizer, text: str) -> list[int]:
     """``text`` as one user turn with the chat template (when the tokenizer has one), else plain."""
     if tokenizer.chat_template is not None:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
-        return list(out["input_ids"])
+        return _chat_ids(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
     return list(tokenizer(text)["input_ids"])
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], args: RewriteArguments) -> list[str]:
     """Batched decoding of the prompts' continuations (up to EOS), as text."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     ids, mask = left_padded(prompts, max(map(len, prompts)), pad_id)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
