@@ -10,6 +10,8 @@ learning rate). Tables:
 - ``text``: recipes/forgetting-onpolicy.yaml (plain-text forgetting, recovered with reverse KL)
   with λ = 0, 0.5, 1, plus λ = 0 given as many steps as the λ = 1 run's wall-clock allowed;
 - ``int2``: recipes/quanto-int2-onpolicy.yaml with the same λ values;
+- ``text-losses``, ``chat-losses``: the text and chat tables' λ = 0 and λ = 1 with forward KL and JSD
+  (β 0.5) in place of reverse KL — is the narrow skill lost to reverse KL's zero-forcing or to sampling?
 - ``chat`` (embedded model only: the second model has no chat template): recipes/forgetting-chat.yaml
   recovered with λ = 0, 0.5, 1 (reverse KL) and λ = 0 at equal wall-clock; then the two variants
   that replace the narrow SFT itself: forgetting-demonstration (on-policy, the teacher sees the
@@ -40,8 +42,11 @@ TABLES = {  # name: (recipe, models, narrow flags needed)
     "text": ("forgetting-onpolicy", ("embedded", "second"), True),
     "int2": ("quanto-int2-onpolicy", ("embedded", "second"), False),
     "chat": ("forgetting-chat", ("embedded",), False),
+    "text-losses": ("forgetting-onpolicy", ("embedded", "second"), True),
+    "chat-losses": ("forgetting-chat", ("embedded",), False),
 }
 RATIOS = ("0", "0.5", "1")
+LOSSES = ("forward_kl", "jsd")  # the *-losses tables: λ = 0 and 1 with these instead of reverse KL
 
 
 def argv_for(model: str, recipe: str, narrow: bool, out: Path, *extra: str) -> list[str]:
@@ -64,6 +69,13 @@ def job(argv: list[str]) -> dict:
 def run_table(name: str, model: str, out: Path) -> dict:
     recipe, _, narrow = TABLES[name]
     rows = {}
+    if name.endswith("-losses"):
+        for loss in LOSSES:
+            for ratio in ("0", "1"):
+                rows[f"{loss}, λ = {ratio}"] = job(argv_for(model, recipe, narrow or name.startswith("chat"),
+                                                            out / f"{loss}-l{ratio}", "--on_policy_ratio", ratio,
+                                                            "--kd_loss", loss))
+        return rows
     for ratio in RATIOS:
         rows[f"λ = {ratio}"] = job(argv_for(model, recipe, narrow or name == "chat", out / f"l{ratio}",
                                             "--on_policy_ratio", ratio))

@@ -18,6 +18,7 @@ from .losses import LOSS_TYPES
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_CONTEXTS = ("prompt", "demonstration")
 TEACHER_KINDS = ("base", "ema")
+VLLM_MODES = ("colocate", "server")
 
 
 def parse_layers(value) -> str | list[int]:
@@ -103,8 +104,22 @@ class SDFTArguments:
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate per optimizer step (ema teacher)."})
     use_vllm: bool = field(
-        default=False, metadata={"help": "Generate with vLLM (a GPU and trl[vllm]); not available in this version."}
+        default=False, metadata={"help": "Sample on-policy batches with vLLM through TRL's integration (CUDA and "
+                                 "pip install 'trl[vllm]'); else model.generate."}
     )
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "colocate (vLLM in the training processes) | server (trl vllm-serve)."}
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server mode: the server's URL (else vllm_server_host and _port)."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: the server's port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Server mode: seconds to wait for the server."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Colocate mode: fraction of GPU memory vLLM reserves (weights and KV cache)."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate mode: GPUs per vLLM engine."})
 
     def __post_init__(self):
         if self.kd_loss not in LOSS_TYPES:
@@ -148,9 +163,10 @@ class SDFTArguments:
             raise ValueError(f"teacher_model_kind={self.teacher_model_kind!r}: choose one of {', '.join(TEACHER_KINDS)}")
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]")
-        if self.use_vllm:
-            raise ValueError("use_vllm: vLLM generation is not part of this version; on-policy batches are sampled "
-                             "with model.generate (set use_vllm false)")
+        if self.use_vllm and self.on_policy_ratio == 0:
+            raise ValueError("use_vllm samples on-policy batches: set on_policy_ratio > 0, or use_vllm false")
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode={self.vllm_mode!r}: choose one of {', '.join(VLLM_MODES)}")
 
     def resolve_teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
         """The teacher's dtype: as set, or for ``auto`` bfloat16 where this device runs it natively, else the student's."""

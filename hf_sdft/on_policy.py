@@ -71,12 +71,13 @@ def sample(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, t
         )[:, ids.shape[1]:].tolist()
     finally:
         model.train(was_training)
+    return cut_after_eos(out, eos_token_id)
+
+
+def cut_after_eos(rows: list[list[int]], eos_token_id: int | list[int] | None) -> list[list[int]]:
+    """Each row up to and including its first EOS."""
     stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    samples = []
-    for row in out:
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        samples.append(row[:end])
-    return samples
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 def on_policy_batch(student_prompts: list[list[int]], teacher_prompts: list[list[int]], samples: list[list[int]],
@@ -106,21 +107,37 @@ def on_policy_batch(student_prompts: list[list[int]], teacher_prompts: list[list
 class OnPolicySampler:
     """Decides which micro-batches are on-policy (a fraction ``args.on_policy_ratio``, drawn from a
     generator of its own seeded with ``args.seed``: the same draws on every process, and the data
-    order and torch's random state untouched) and builds them from the data's batches."""
+    order and torch's random state untouched) and builds them from the data's batches. Samples come
+    from ``model.generate``, or from ``vllm`` (:func:`hf_sdft.vllm_sampling.vllm_generation`), whose
+    weights are synced from the student at the first sample of each optimizer step."""
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, vllm=None):
         self.args = args
         self.rng = random.Random(args.seed)
         self.pad_id = pad_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
+        self.vllm, self.synced_step = vllm, None
 
     def draw(self) -> bool:
         ratio = self.args.on_policy_ratio
         return ratio >= 1.0 or (ratio > 0.0 and self.rng.random() < ratio)
 
-    def batch(self, model: nn.Module, inputs: dict) -> tuple[dict, dict[str, float]]:
-        """The on-policy batch made from ``inputs`` (a collated batch from the data) and its figures
-        (``gen_tokens`` sampled, ``gen_seconds``)."""
+    def samples(self, model: nn.Module, prompts: list[list[int]], step: int) -> list[list[int]]:
+        args = self.args
+        if self.vllm is None:
+            return sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
+                          top_p=args.generation_top_p, top_k=args.generation_top_k, pad_token_id=self.pad_id,
+                          eos_token_id=self.eos_id)
+        if step != self.synced_step:
+            self.vllm.sync_weights()
+            self.synced_step = step
+        _, completions, _, _ = self.vllm.generate(prompts=prompts, images=None, num_generations=1)
+        return cut_after_eos([list(c) for c in completions], self.eos_id)
+
+    def batch(self, model: nn.Module, inputs: dict, step: int = 0) -> tuple[dict, dict[str, float]]:
+        """The on-policy batch made from ``inputs`` (a collated batch from the data, at optimizer
+        step ``step``) and its figures (``gen_tokens`` sampled, ``gen_seconds``, vLLM's weight sync
+        included)."""
         args = self.args
         ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
         lengths = prompt_lengths(inputs["labels"].cpu(), mask, args.prompt_length)
@@ -136,9 +153,7 @@ class OnPolicySampler:
         else:
             teacher_prompts = prompts
         started = time.perf_counter()
-        samples = sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
-                         top_p=args.generation_top_p, top_k=args.generation_top_k, pad_token_id=self.pad_id,
-                         eos_token_id=self.eos_id)
+        samples = self.samples(model, prompts, step)
         seconds = time.perf_counter() - started
         device = inputs["input_ids"].device
         batch = {k: v.to(device) for k, v in on_policy_batch(prompts, teacher_prompts, samples, self.pad_id).items()}

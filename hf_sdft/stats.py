@@ -21,7 +21,7 @@ def downstream_scores(rec, tokenizer, models: dict) -> dict:
 
 
 GENERATION_FIELDS = ("on_policy_ratio", "prompt_length", "max_new_tokens", "generation_temperature", "generation_top_p",
-                     "generation_top_k", "teacher_context", "teacher_model_kind")
+                     "generation_top_k", "teacher_context", "teacher_model_kind", "use_vllm")
 
 
 def build_stats(rec, args, model_args, model_path, student, teacher_m, before, after, trainer, downstream,

@@ -95,7 +95,8 @@ class SDFTMixin:
                 "column): give chat or prompt/completion data tokenized by hf_sdft.data.tokenize_examples(..., "
                 "teacher_template=args.teacher_prompt_template), as the recovery job does"
             )
-        self.on_policy = OnPolicySampler(self.args, self.processing_class) if self.args.on_policy_ratio > 0 else None
+        self.on_policy = (OnPolicySampler(self.args, self.processing_class, self._vllm())
+                          if self.args.on_policy_ratio > 0 else None)
         reference = teacher_model if teacher_model is not None else self.model
         self.cka_loss_layers = (
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
@@ -123,6 +124,15 @@ class SDFTMixin:
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CKACallback):
                 cb.bind(self)
+
+    def _vllm(self):
+        """TRL's vLLM generation for the student (``use_vllm``), or ``None`` (``model.generate``)."""
+        if not self.args.use_vllm:
+            return None
+        from .vllm_sampling import check_vllm_available, vllm_generation
+
+        check_vllm_available()
+        return vllm_generation(self.model, self.accelerator, self.processing_class, self.args)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """The frozen teacher in ``teacher_dtype`` on ``teacher_device`` (sharded like the student
@@ -181,7 +191,7 @@ class SDFTMixin:
             window, device = self._sdft_metrics["train"], self.accelerator.device  # reduced with the loss parts
             window["on_policy/fraction"].append(torch.tensor(float(on), device=device))
             if on:
-                inputs, figures = self.on_policy.batch(model, inputs)
+                inputs, figures = self.on_policy.batch(model, inputs, self.state.global_step)
                 for key, value in figures.items():
                     window[f"on_policy/{key}"].append(torch.tensor(value, device=device))
                 num_items_in_batch = None

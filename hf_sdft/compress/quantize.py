@@ -151,6 +151,18 @@ def thaw_quantized(model: nn.Module) -> nn.Module:
     return model
 
 
+def computed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight a quanto layer computes with (its quantized weight, dequantized), or
+    ``None`` for a layer that quanto does not quantize. Raises for quantized activations, which
+    no float weight reproduces."""
+    if not isinstance(module, QModuleMixin) or module.weight_qtype is None:
+        return None
+    if module.activation_qtype is not None:
+        raise ValueError("this layer quantizes its activations, which no float weight reproduces: sample with "
+                         "model.generate (use_vllm false) or quantize the weights only")
+    return module.qweight.dequantize()
+
+
 def quantization_summary(model: nn.Module) -> dict:
     """``{"weights": ["int4"], "activations": [...], "layers": n}`` of a model's quanto layers
     (``{}`` when it has none)."""
