@@ -51,7 +51,8 @@ LOSSES = ("forward_kl", "jsd")  # the *-losses tables: λ = 0 and 1 with these i
 
 def argv_for(model: str, recipe: str, narrow: bool, out: Path, *extra: str) -> list[str]:
     flags, narrow_flags = MODELS[model]
-    return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow_flags if narrow else []), *BUDGET, *extra,
+    budget = BUDGET[:-2] if "--kd_loss" in extra else BUDGET  # BUDGET ends with its own --kd_loss
+    return ["--config", f"recipes/{recipe}.yaml", *flags, *(narrow_flags if narrow else []), *budget, *extra,
             "--output_dir", str(out)]
 
 

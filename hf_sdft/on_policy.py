@@ -123,6 +123,7 @@ class OnPolicySampler:
         return ratio >= 1.0 or (ratio > 0.0 and self.rng.random() < ratio)
 
     def samples(self, model: nn.Module, prompts: list[list[int]], step: int) -> list[list[int]]:
+        """The student's sampled continuation of each prompt, each cut after its first EOS."""
         args = self.args
         if self.vllm is None:
             return sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.generation_temperature,
