@@ -63,7 +63,11 @@ def nll_and_count(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
 
 def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
     """exp(mean next-token NLL) over ``batches``; padding (attention_mask 0) is not scored."""
-    nll, count = nll_and_count(model, batches)
+    return perplexity_of(*nll_and_count(model, batches))
+
+
+def perplexity_of(nll: float, count: float) -> float:
+    """exp(nll / count) of a summed NLL (nats) over ``count`` scored tokens."""
     if count == 0:
         raise ValueError("no token to score: the evaluation set is empty")
     return math.exp(nll / count)

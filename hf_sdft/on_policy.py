@@ -37,14 +37,14 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def left_padded(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of shape ``(len(rows), width)``: each row right-aligned after padding."""
+def padded(rows: list[list[int]], width: int, pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``(len(rows), width)``, each row padded on ``side``."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
     return ids, mask
 
 
@@ -60,7 +60,7 @@ def sample(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, t
     after the first EOS (kept)."""
     model = unwrap(model)
     device = next(model.parameters()).device
-    ids, mask = left_padded(prompts, max(map(len, prompts)), pad_token_id)
+    ids, mask = padded(prompts, max(map(len, prompts)), pad_token_id)
     was_training = model.training
     model.eval()
     try:
@@ -91,10 +91,8 @@ def on_policy_batch(student_prompts: list[list[int]], teacher_prompts: list[list
     gen = max(1, max(map(len, samples)))
     batch = {}
     for prefix, prompts in (("", student_prompts), ("teacher_", teacher_prompts)):
-        ids, mask = left_padded(prompts, width, pad_id)
-        tail_ids, tail_mask = left_padded([[]] * len(samples), gen, pad_id)
-        for i, s in enumerate(samples):
-            tail_ids[i, :len(s)], tail_mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+        ids, mask = padded(prompts, width, pad_id)
+        tail_ids, tail_mask = padded(samples, gen, pad_id, side="right")
         batch[f"{prefix}input_ids"] = torch.cat([ids, tail_ids], 1)
         batch[f"{prefix}attention_mask"] = torch.cat([mask, tail_mask], 1)
         batch[f"{prefix}position_ids"] = positions(batch[f"{prefix}attention_mask"])

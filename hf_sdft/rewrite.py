@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import _chat_ids, message_text, split_prompt
-from .on_policy import left_padded, pad_token_id
+from .on_policy import padded, pad_token_id
 
 DEFAULT_TEMPLATE = (
     "Here is an instruction and a reference answer to it. Answer the instruction in your own words, "
@@ -98,7 +98,7 @@ def generation_prompt(tokenizer, text: str) -> list[int]:
 def generate(model, tokenizer, prompts: list[list[int]], args: RewriteArguments) -> list[str]:
     """Batched decoding of the prompts' continuations (up to EOS), as text."""
     pad_id = pad_token_id(tokenizer)
-    ids, mask = left_padded(prompts, max(map(len, prompts)), pad_id)
+    ids, mask = padded(prompts, max(map(len, prompts)), pad_id)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.max_new_tokens,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers import TrainerCallback, set_seed
 from .callbacks import measure_cka, per_layer
 from .config import RecoveryArguments, SDFTConfig
 from .distributed import progress_disabled
-from .evaluation import held_out_sums, perplexity
+from .evaluation import held_out_sums, perplexity, perplexity_of
 from .recover import check_launch, load, make_student
 from .teacher import decoder_layers, is_peft, unwrap
 from .training import make_trainer
@@ -135,10 +134,9 @@ def measure_point(model: nn.Module, teacher: nn.Module, data) -> dict:
     """Held-out perplexity, KL(teacher ‖ model) per scored token (nats), and per-layer CKA on
     the probe set of ``data`` (a :class:`~hf_sdft.data.RecoveryData`)."""
     nll, count, kl = held_out_sums(model, data.eval.batches, teacher).tolist()
-    if count == 0:
-        raise ValueError("no token to score: the evaluation set is empty")
+    ppl = perplexity_of(nll, count)
     layers, cka = measure_cka(model, teacher, data.eval.probe_batches)
-    return {"ppl": math.exp(nll / count), "kd": kl / count, "cka_mean": float(cka.mean()), "cka": per_layer(layers, cka)}
+    return {"ppl": ppl, "kd": kl / count, "cka_mean": float(cka.mean()), "cka": per_layer(layers, cka)}
 
 
 class TrajectoryCallback(TrainerCallback):

@@ -13,7 +13,7 @@ from trl.import_utils import is_vllm_available
 
 from hf_sdft import SDFTConfig, SDFTTrainer
 from hf_sdft.compress.prune import prune
-from hf_sdft.compress.quantize import freeze_base, quantize_student, save_quantized
+from hf_sdft.compress.quantize import freeze_base, quantize_student, save_quantized, thaw_quantized
 from hf_sdft.data import default_model_path, pad
 from hf_sdft.student import load_model
 from hf_sdft.vllm_sampling import computed_weights, own_checkpoint, write_plain_checkpoint
@@ -155,7 +155,7 @@ def test_on_policy_training_samples_with_colocated_vllm(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(PATHS["embedded"])
     teacher = AutoModelForCausalLM.from_pretrained(PATHS["embedded"])
     save_quantized(quantize_student(copy.deepcopy(teacher), "int4"), tmp_path / "q")
-    student = load_model(str(tmp_path / "q"))
+    student = thaw_quantized(load_model(str(tmp_path / "q")))  # trainable again, as the recovery job does
     texts = ["And it came to pass in those days", "In the beginning God created the heaven"] * 8
     args = SDFTConfig(output_dir=str(tmp_path / "out"), use_vllm=True, vllm_gpu_memory_utilization=0.2,
                       on_policy_ratio=1.0, max_new_tokens=8, prompt_length=4, per_device_train_batch_size=4,
