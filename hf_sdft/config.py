@@ -116,6 +116,11 @@ class SDFTArguments:
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: the server's host."})
     vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: the server's port."})
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "Server mode: seconds to wait for the server."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: port of the weight-update group."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM's context length (prompt + max_new_tokens; unset: the model config's, "
+                                "which a long-context model's KV cache may not fit)."}
+    )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Colocate mode: fraction of GPU memory vLLM reserves (weights and KV cache)."}
     )
@@ -167,6 +172,8 @@ class SDFTArguments:
             raise ValueError("use_vllm samples on-policy batches: set on_policy_ratio > 0, or use_vllm false")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode={self.vllm_mode!r}: choose one of {', '.join(VLLM_MODES)}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0 or self.vllm_tensor_parallel_size < 1:
+            raise ValueError("vllm_gpu_memory_utilization must be in (0, 1] and vllm_tensor_parallel_size >= 1")
 
     def resolve_teacher_dtype(self, student_dtype: torch.dtype) -> torch.dtype:
         """The teacher's dtype: as set, or for ``auto`` bfloat16 where this device runs it natively, else the student's."""

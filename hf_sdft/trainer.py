@@ -129,8 +129,13 @@ class SDFTMixin:
         """TRL's vLLM generation for the student (``use_vllm``), or ``None`` (``model.generate``)."""
         if not self.args.use_vllm:
             return None
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
         from .vllm_sampling import check_vllm_available, vllm_generation
 
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError("use_vllm sends vLLM the student's whole weights, which FSDP and DeepSpeed ZeRO-3 "
+                             "shard: train with DDP (or ZeRO-1/2), or set use_vllm false")
         check_vllm_available()
         return vllm_generation(self.model, self.accelerator, self.processing_class, self.args)
 

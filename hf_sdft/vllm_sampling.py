@@ -7,8 +7,10 @@ weights the student computes with (:func:`computed_weights`: quanto layers dequa
 added, pruned zeros as they stand), synced before the first sample of every optimizer step, and a
 plain checkpoint for colocated vLLM to start from when the student's own is a quanto one.
 
-Tested here without vLLM (no GPU): the weights sent, loaded into a plain model, reproduce the
-student's logits; the run through vLLM itself is tests/test_vllm.py's GPU test.
+vLLM runs a float32 checkpoint in bfloat16 unless told otherwise, so its samples come from the
+student's weights rounded to bfloat16. Tested here without vLLM (no GPU): the weights sent, loaded
+into a plain model, reproduce the student's logits; the run through vLLM itself is
+tests/test_vllm.py's GPU test.
 """
 
 from __future__ import annotations
@@ -38,13 +40,20 @@ def plain_model(model: nn.Module) -> nn.Module:
 def computed_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for every parameter of the plain transformers model that computes what
     ``model`` computes now, under the plain model's names (tied parameters once): quanto weights
-    dequantized, active LoRA deltas added, ``modules_to_save`` copies in place of the originals."""
+    dequantized, active LoRA deltas added, the active ``modules_to_save`` copies in place of the
+    originals. Raises for what no plain model reproduces (see :func:`check_plain`)."""
     base = plain_model(model)
+    check_plain(base)
     modules = dict(base.named_modules())
     for name, param in base.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        if ADAPTER_PARTS & set(name.split(".")):
+        parts = name.split(".")
+        if ADAPTER_PARTS & set(parts):
             continue
+        if "modules_to_save" in parts:  # PEFT's trained copy of a whole module: keep the active adapter's
+            wrapper = ".".join(parts[:parts.index("modules_to_save")])
+            if parts[parts.index("modules_to_save") + 1] not in modules[wrapper].active_adapters:
+                continue
         module = modules[owner]
         value = computed_weight(module) if leaf == "weight" else None
         value = param if value is None else value
@@ -53,17 +62,35 @@ def computed_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield re.sub(r"\.modules_to_save\.[^.]+", "", name.replace(".base_layer", "")), value.detach()
 
 
+def check_plain(base: nn.Module) -> None:
+    """Refuse the PEFT set-ups that a plain model cannot compute: DoRA, LoRA biases, trainable
+    token deltas, and an adapted embedding or head where the two are tied (vLLM reads the head
+    from the embedding; the student does not)."""
+    fix = "train plain LoRA adapters, or sample with model.generate (use_vllm false)"
+    for name, module in base.named_modules():
+        if name.endswith("token_adapter") or "trainable_tokens_delta" in dict(module.named_parameters(recurse=False)):
+            raise ValueError(f"use_vllm: {name} holds trainable token deltas, which vLLM cannot load: {fix}")
+        scaling = getattr(module, "scaling", None)  # a LoRA layer's, per adapter (attention's is a float)
+        for adapter in scaling if isinstance(scaling, dict) else ():
+            if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+                raise ValueError(f"use_vllm: {name} has a DoRA or lora_bias adapter, which has no additive weight "
+                                 f"to send to vLLM: {fix}")
+    if getattr(base.config.get_text_config(), "tie_word_embeddings", False):
+        ends = [base.get_input_embeddings(), base.get_output_embeddings()]
+        if any(hasattr(m, "base_layer") or hasattr(m, "modules_to_save") for m in ends):
+            raise ValueError("use_vllm: the embedding or the head carries adapters while the two are tied: the "
+                             "student's head stays the base embedding, vLLM's would not. Leave embed_tokens and "
+                             "lm_head out of target_modules / modules_to_save, or set use_vllm false")
+
+
 def _lora_delta(layer: nn.Module) -> torch.Tensor | float:
+    """The summed weight deltas of ``layer``'s active LoRA adapters (linear or embedding)."""
     if getattr(layer, "merged", False):
         return 0.0
     delta = 0.0
     for adapter in getattr(layer, "active_adapters", ()):
-        if adapter not in getattr(layer, "lora_A", {}):
-            continue
-        if getattr(layer, "use_dora", {}).get(adapter):
-            raise ValueError("use_vllm: DoRA adapters have no additive weight to send to vLLM; train plain LoRA "
-                             "adapters or sample with model.generate (use_vllm false)")
-        delta = delta + layer.get_delta_weight(adapter)
+        if adapter in (layer.scaling if isinstance(getattr(layer, "scaling", None), dict) else {}):
+            delta = delta + layer.get_delta_weight(adapter)
     return delta
 
 
@@ -80,12 +107,15 @@ def write_plain_checkpoint(model: nn.Module, tokenizer, folder: str | Path) -> N
     """Save :func:`computed_weights` as a plain transformers checkpoint (with the tokenizer) in ``folder``."""
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_config(plain_model(model).config)
-    result = plain.load_state_dict(dict(computed_weights(model)), strict=False)
+    base = plain_model(model)
+    plain = AutoModelForCausalLM.from_config(base.config)
+    result = plain.load_state_dict({name: t.cpu() for name, t in computed_weights(model)}, strict=False)
     not_parameters = set(plain.state_dict()) - {name for name, _ in plain.named_parameters()}  # tied, buffers
     if result.unexpected_keys or set(result.missing_keys) - not_parameters:
         raise ValueError(f"the student's weights do not fit {type(plain).__name__} built from its config: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if getattr(base, "generation_config", None) is not None:  # the same stop tokens as the student's
+        plain.generation_config = base.generation_config
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -126,14 +156,15 @@ def vllm_generation(model: nn.Module, accelerator, tokenizer, args):
         boot = own_checkpoint(model)
         if boot is None:
             boot = str(Path(args.output_dir) / BOOT_FOLDER)
-            if accelerator.is_main_process:
+            if accelerator.is_local_main_process:
                 write_plain_checkpoint(model, tokenizer, boot)
             accelerator.wait_for_everyone()
     eos = tokenizer.eos_token_id
     return StudentVLLM(
         model, accelerator, tokenizer, mode=args.vllm_mode, server_base_url=args.vllm_server_base_url,
         server_host=args.vllm_server_host, server_port=args.vllm_server_port, server_timeout=args.vllm_server_timeout,
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        group_port=args.vllm_group_port, tensor_parallel_size=args.vllm_tensor_parallel_size,
+        max_model_length=args.vllm_max_model_length,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size,
         temperature=args.generation_temperature, top_p=args.generation_top_p, top_k=args.generation_top_k,
