@@ -70,8 +70,7 @@ def check_plain(base: nn.Module) -> None:
     for name, module in base.named_modules():
         if name.endswith("token_adapter") or "trainable_tokens_delta" in dict(module.named_parameters(recurse=False)):
             raise ValueError(f"use_vllm: {name} holds trainable token deltas, which vLLM cannot load: {fix}")
-        scaling = getattr(module, "scaling", None)  # a LoRA layer's, per adapter (attention's is a float)
-        for adapter in scaling if isinstance(scaling, dict) else ():
+        for adapter in lora_adapters(module):
             if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
                 raise ValueError(f"use_vllm: {name} has a DoRA or lora_bias adapter, which has no additive weight "
                                  f"to send to vLLM: {fix}")
@@ -83,13 +82,20 @@ def check_plain(base: nn.Module) -> None:
                              "lm_head out of target_modules / modules_to_save, or set use_vllm false")
 
 
+def lora_adapters(module: nn.Module) -> dict:
+    """A LoRA layer's adapters (its ``scaling`` per adapter name); ``{}`` for other modules (an
+    attention module's ``scaling`` is a float)."""
+    scaling = getattr(module, "scaling", None)
+    return scaling if isinstance(scaling, dict) else {}
+
+
 def _lora_delta(layer: nn.Module) -> torch.Tensor | float:
     """The summed weight deltas of ``layer``'s active LoRA adapters (linear or embedding)."""
     if getattr(layer, "merged", False):
         return 0.0
     delta = 0.0
     for adapter in getattr(layer, "active_adapters", ()):
-        if adapter in (layer.scaling if isinstance(getattr(layer, "scaling", None), dict) else {}):
+        if adapter in lora_adapters(layer):
             delta = delta + layer.get_delta_weight(adapter)
     return delta
 
