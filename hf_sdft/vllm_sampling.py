@@ -10,7 +10,8 @@ plain checkpoint for colocated vLLM to start from when the student's own is a qu
 vLLM runs a float32 checkpoint in bfloat16 unless told otherwise, so its samples come from the
 student's weights rounded to bfloat16. Tested here without vLLM (no GPU): the weights sent, loaded
 into a plain model, reproduce the student's logits; the run through vLLM itself is
-tests/test_vllm.py's GPU test.
+tests/test_vllm.py's GPU test. On 2026-12-03 no vLLM release installs beside transformers 5.23
+(``trl[vllm]`` takes vLLM ≤ 0.31.0, which needs transformers < 5.18).
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ def check_vllm_available() -> None:
     from trl.import_utils import is_vllm_available
 
     if not is_vllm_available():
-        raise ImportError('use_vllm needs vLLM: pip install "trl[vllm]" on a CUDA machine, or set use_vllm false '
-                          "to sample with model.generate")
+        raise ImportError('use_vllm needs vLLM (pip install "trl[vllm]" on a CUDA machine, with a vLLM release that '
+                          "accepts this transformers version): install it, or set use_vllm false to sample with "
+                          "model.generate")
     if not torch.cuda.is_available():
         raise RuntimeError("use_vllm samples on CUDA GPUs and none is visible here: set use_vllm false")
 
