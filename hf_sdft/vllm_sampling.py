@@ -7,8 +7,8 @@ weights the student computes with (:func:`computed_weights`: quanto layers dequa
 added, pruned zeros as they stand), synced before the first sample of every optimizer step, and a
 plain checkpoint for colocated vLLM to start from when the student's own is a quanto one.
 
-vLLM runs a float32 checkpoint in bfloat16 unless told otherwise, so its samples come from the
-student's weights rounded to bfloat16. Tested here without vLLM (no GPU): the weights sent, loaded
+vLLM may run a float32 checkpoint in bfloat16 (TRL passes it no dtype), so its samples may come
+from the student's weights rounded to bfloat16. Tested here without vLLM (no GPU): the weights sent, loaded
 into a plain model, reproduce the student's logits; the run through vLLM itself is
 tests/test_vllm.py's GPU test. On 2026-12-03 no vLLM release installs beside transformers 5.23
 (``trl[vllm]`` takes vLLM ≤ 0.31.0, which needs transformers < 5.18).
