@@ -41,9 +41,9 @@ BUDGET = [
 TABLES = {  # name: (recipe, models, narrow flags needed)
     "text": ("forgetting-onpolicy", ("embedded", "second"), True),
     "int2": ("quanto-int2-onpolicy", ("embedded", "second"), False),
-    "chat": ("forgetting-chat", ("embedded",), False),
+    "chat": ("forgetting-chat", ("embedded",), True),
     "text-losses": ("forgetting-onpolicy", ("embedded", "second"), True),
-    "chat-losses": ("forgetting-chat", ("embedded",), False),
+    "chat-losses": ("forgetting-chat", ("embedded",), True),
 }
 RATIOS = ("0", "0.5", "1")
 LOSSES = ("forward_kl", "jsd")  # the *-losses tables: λ = 0 and 1 with these instead of reverse KL
@@ -73,15 +73,15 @@ def run_table(name: str, model: str, out: Path) -> dict:
     if name.endswith("-losses"):
         for loss in LOSSES:
             for ratio in ("0", "1"):
-                rows[f"{loss}, λ = {ratio}"] = job(argv_for(model, recipe, narrow or name.startswith("chat"),
+                rows[f"{loss}, λ = {ratio}"] = job(argv_for(model, recipe, narrow,
                                                             out / f"{loss}-l{ratio}", "--on_policy_ratio", ratio,
                                                             "--kd_loss", loss))
         return rows
     for ratio in RATIOS:
-        rows[f"λ = {ratio}"] = job(argv_for(model, recipe, narrow or name == "chat", out / f"l{ratio}",
+        rows[f"λ = {ratio}"] = job(argv_for(model, recipe, narrow, out / f"l{ratio}",
                                             "--on_policy_ratio", ratio))
     budget = rows["λ = 1"]["train_seconds"] / rows["λ = 0"]["seconds_per_step"]
-    rows["λ = 0, λ = 1's wall-clock"] = job(argv_for(model, recipe, narrow or name == "chat", out / "l0-time",
+    rows["λ = 0, λ = 1's wall-clock"] = job(argv_for(model, recipe, narrow, out / "l0-time",
                                                       "--on_policy_ratio", "0", "--max_steps", str(round(budget))))
     if name == "chat":
         for variant in ("forgetting-demonstration", "forgetting-rewrite"):

@@ -108,7 +108,7 @@ class SDFTArguments:
                                  "pip install 'trl[vllm]'); else model.generate."}
     )
     vllm_mode: str = field(
-        default="colocate", metadata={"help": "colocate (vLLM in the training processes) | server (trl vllm-serve)."}
+        default="colocate", metadata={"help": "colocate (vLLM in the training processes) | server (a running vllm serve, see README)."}
     )
     vllm_server_base_url: str | None = field(
         default=None, metadata={"help": "Server mode: the server's URL (else vllm_server_host and _port)."}

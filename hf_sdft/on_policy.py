@@ -74,9 +74,14 @@ def sample(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, t
     return cut_after_eos(out, eos_token_id)
 
 
+def stop_ids(eos_token_id: int | list[int] | None) -> list[int]:
+    """A tokenizer's ``eos_token_id`` (one id, several, or none) as a list."""
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+
+
 def cut_after_eos(rows: list[list[int]], eos_token_id: int | list[int] | None) -> list[list[int]]:
     """Each row up to and including its first EOS."""
-    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    stops = set(stop_ids(eos_token_id))
     return [row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 

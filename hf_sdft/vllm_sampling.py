@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .compress.quantize import QMAP_FILE, computed_weight
+from .on_policy import stop_ids
 from .teacher import is_peft, unwrap
 
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -52,8 +53,8 @@ def computed_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if ADAPTER_PARTS & set(parts):
             continue
         if "modules_to_save" in parts:  # PEFT's trained copy of a whole module: keep the active adapter's
-            wrapper = ".".join(parts[:parts.index("modules_to_save")])
-            if parts[parts.index("modules_to_save") + 1] not in modules[wrapper].active_adapters:
+            at = parts.index("modules_to_save")
+            if parts[at + 1] not in modules[".".join(parts[:at])].active_adapters:
                 continue
         module = modules[owner]
         value = computed_weight(module) if leaf == "weight" else None
@@ -167,7 +168,6 @@ def vllm_generation(model: nn.Module, accelerator, tokenizer, args):
             if accelerator.is_local_main_process:
                 write_plain_checkpoint(model, tokenizer, boot)
             accelerator.wait_for_everyone()
-    eos = tokenizer.eos_token_id
     return StudentVLLM(
         model, accelerator, tokenizer, mode=args.vllm_mode, server_base_url=args.vllm_server_base_url,
         server_host=args.vllm_server_host, server_port=args.vllm_server_port, server_timeout=args.vllm_server_timeout,
@@ -177,6 +177,6 @@ def vllm_generation(model: nn.Module, accelerator, tokenizer, args):
         max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size,
         temperature=args.generation_temperature, top_p=args.generation_top_p, top_k=args.generation_top_k,
         max_completion_length=args.max_new_tokens, logprobs=None,
-        generation_kwargs={"stop_token_ids": [eos] if isinstance(eos, int) else list(eos or [])},
+        generation_kwargs={"stop_token_ids": stop_ids(tokenizer.eos_token_id)},
     )
 
