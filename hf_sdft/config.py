@@ -12,7 +12,7 @@ from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
 from .data import DEFAULT_SPLITS, TXT_SAMPLE_BY
-from .losses import LOSS_TYPES
+from .losses import KERNELS, LOSS_TYPES
 
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,6 +68,11 @@ class SDFTArguments:
         default=True,
         metadata={"help": "Apply the output heads inside the loss, chunk by chunk, so that no (tokens × vocabulary) "
                   "logits exist (when both models have a plain linear head); false = the model's own logits."},
+    )
+    kd_kernel: str = field(
+        default="auto",
+        metadata={"help": "Chunk kernel of the fused loss: auto (Triton on CUDA for forward/reverse KL when triton "
+                  "is installed, else PyTorch), triton (required), torch."},
     )
     teacher_dtype: str = field(
         default="auto",
@@ -143,6 +148,8 @@ class SDFTArguments:
             raise ValueError("output_loss_weight=0 and cka_weight=0 leave nothing to train: set cka_weight > 0")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be a positive number of positions")
+        if self.kd_kernel not in KERNELS:
+            raise ValueError(f"kd_kernel={self.kd_kernel!r}: choose one of {', '.join(KERNELS)}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: choose one of {', '.join(TEACHER_DTYPES)}")
         self._check_generation()

@@ -6,6 +6,7 @@ input dtype, so a bf16 teacher and an fp32 student never give a negative diverge
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -188,14 +189,75 @@ def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type
     return div, p_s * (a - (p_s * a).sum(-1, keepdim=True))
 
 
-def fused_chunk_size(n: int, vocab: int, hidden: int) -> int:
-    """Default positions per chunk of the fused loss: a chunk's (rows, V) logits about as large as
-    the (n, hidden) hidden states, and at least max(32, hidden / 4) rows. Each chunk reads both
-    (V, hidden) head weights and adds to the head's gradient, so fewer rows would make the pass
-    memory-bound (hidden 1024, V = 151,936, 256 positions, forward + backward on 2 CPU cores: 6.3–8.0 s
-    in 32-row chunks, 4.2 s in 256-row ones); a 256-row chunk's float32 logits are a quarter of the
-    head weight's size."""
+def fused_chunk_size(n: int, vocab: int, hidden: int, kernel: bool = False) -> int:
+    """Default positions per chunk of the fused loss.
+
+    PyTorch chunk: a chunk's (rows, V) logits about as large as the (n, hidden) hidden states, and
+    at least max(32, hidden / 4) rows. Each chunk reads both (V, hidden) head weights and adds to
+    the head's gradient, so fewer rows would make the pass memory-bound (hidden 1024, V = 151,936,
+    256 positions, forward + backward on 2 CPU cores: 6.3–8.0 s in 32-row chunks, 4.2 s in 256-row
+    ones); a 256-row chunk's float32 logits are a quarter of the head weight's size.
+
+    Triton chunk (``kernel``): hidden / 2 rows (at least 256), so that the chunk's two
+    half-precision logit blocks are half the size of a half-precision head weight: the (V, H)
+    gradient update of each chunk, the pass's memory-bound part, is then spread over enough rows,
+    and the loss's peak stays near Liger's.
+    """
+    if kernel:
+        return max(256, hidden // 2)
     return max(32, hidden // 4, -(-n * hidden // vocab))
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a head's matmuls: autocast's where autocast is on for the device, else the
+    inputs' common dtype. Softmaxes and sums are float32 whatever this is."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+_FP32_ACCUMULATING_MM: dict[torch.device, bool] = {}  # device → addmm(..., out_dtype=float32) works there
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc``: on CUDA with half-precision ``a`` and ``b``, one GEMM
+    that accumulates into ``acc`` (no (V, H) temporary); elsewhere a matmul and an in-place add."""
+    if acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        if _FP32_ACCUMULATING_MM.get(acc.device, True):
+            try:
+                torch.addmm(acc, a, b, torch.float32, out=acc)
+                _FP32_ACCUMULATING_MM[acc.device] = True
+                return
+            except (RuntimeError, TypeError):  # an older torch without the out_dtype overload
+                _FP32_ACCUMULATING_MM[acc.device] = False
+    acc.add_(a @ b)
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 log-softmax of ``logits / temperature`` (``logits`` untouched), clamped as in
+    :func:`token_divergence`."""
+    z = logits.float()
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1).clamp_(min=_FLOOR)
+
+
+def _torch_chunk(log_s, log_t, y, w_kd, loss_type, beta, temperature, want_grads, recompute_log_p):
+    """One chunk in PyTorch from float32 log-probabilities at the temperature: per-row divergence,
+    per-row CE negative log-likelihood (or None) and, if ``want_grads``, ``{"kd": ..., "ce": ...}``
+    gradients ``(rows, V)`` with respect to the student's logits (row weights applied)."""
+    div, g_kd = _divergence_and_gradient(log_s, log_t, loss_type, beta)
+    del log_t
+    grads = {"kd": g_kd.mul_((w_kd / temperature)[:, None])} if want_grads else {}  # ∂D/∂z = ∂D/∂(z/T) / T
+    if y is None:
+        return div, None, grads
+    valid = (y != -100).float()
+    target = y.clamp(min=0)[:, None]
+    log_p = log_s if recompute_log_p is None else recompute_log_p()
+    nll = -log_p.gather(1, target)[:, 0] * valid
+    if want_grads:  # softmax − one-hot, by scatter: no index op, no host sync
+        g_ce = log_p.exp_() if log_p is not log_s else log_p.exp()
+        grads["ce"] = g_ce.scatter_add_(1, target, -valid[:, None]).mul_(valid[:, None])
+    return div, nll, grads
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -204,15 +266,18 @@ class _FusedLinearDistillation(torch.autograd.Function):
 
     Outputs: the KD sum, the CE sum and ``a·KD sum + b·CE sum`` for ``mix = (a, b)``. Without
     ``mix`` the first two are differentiable (one gradient buffer each); with it only the third
-    (one buffer in all) and a part whose weight is 0 builds no gradient."""
+    (one buffer in all) and a part whose weight is 0 builds no gradient.
+
+    Matmuls run in the autocast dtype (or the inputs'), log-softmaxes and every sum in float32;
+    nothing in the chunk loop reads a value back to the host, so a GPU never waits between chunks.
+    """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, kd_rows, labels, opts):
-        loss_type, beta, temperature, chunk, mix, build = opts
+    def forward(ctx, hs, ws, bs, ht, wt, bt, kd_weight, labels, opts):
+        loss_type, beta, temperature, chunk, mix, build, use_kernel = opts
         n, vocab = hs.shape[0], ws.shape[0]
         need = [build and t is not None and t.requires_grad for t in (hs, ws, bs)]
         f32 = dict(dtype=torch.float32, device=hs.device)
-        sums = torch.zeros(2, **f32)  # KD sum, CE sum
         if mix is None:
             weights = {"kd": 1.0, "ce": 1.0 if labels is not None else 0.0}
         else:
@@ -223,53 +288,23 @@ class _FusedLinearDistillation(torch.autograd.Function):
             part: [torch.zeros(n, hs.shape[1], **f32) if need[0] else None,
                    torch.zeros(vocab, hs.shape[1], **f32) if need[1] else None,
                    torch.zeros(vocab, **f32) if (bs is not None and need[2]) else None] for part in buffers}
-        def log_probs(hidden, weight, bias, scale):  # float32 log-softmax of (hidden @ Wᵀ + b) / scale
-            z = F.linear(hidden, weight, bias).to(device=hs.device, dtype=torch.float32)
-            return F.log_softmax(z if scale == 1.0 else z.div_(scale), dim=-1).clamp_(min=_FLOOR)
-
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            h = hs[rows]
-            with torch.no_grad():
-                log_t = log_probs(ht[rows], wt, bt, temperature)
-                log_s = log_probs(h, ws, bs, temperature)
-            div, g_kd = _divergence_and_gradient(log_s, log_t, loss_type, beta)
-            del log_t
-            w_kd = kd_rows[rows].float()
-            sums[0] += (div * w_kd).sum()
-            chunk_grads = {"kd": g_kd.mul_((w_kd / temperature)[:, None])}  # ∂D/∂z_s = ∂D/∂(z_s/T) / T
-            if labels is not None:
-                y = labels[rows]
-                valid = y != -100
-                with torch.no_grad():
-                    log_p = log_s if temperature == 1.0 else log_probs(h, ws, bs, 1.0)
-                picked = log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]
-                sums[1] -= (picked * valid).sum()
-                if grads and "ce" in live:
-                    g_ce = log_p.exp_() if log_p is not log_s else log_p.exp()
-                    g_ce[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
-                    chunk_grads["ce"] = g_ce.mul_(valid.float()[:, None])
-                del log_p
-            del log_s
-            if "mix" in grads:  # the weighted sum, accumulated into the first part's buffer
-                first, *rest = live
-                mixed_grad = chunk_grads[first].mul_(weights[first])
-                for part in rest:
-                    mixed_grad.add_(chunk_grads.pop(part), alpha=weights[part])
-                chunk_grads = {"mix": mixed_grad}
-            for part, (g_h, g_w, g_b) in grads.items():
-                g = chunk_grads[part]
-                if g_h is not None:
-                    g_h[rows] = (g.to(ws.dtype) @ ws).float()
-                if g_w is not None:
-                    g_w += (g.T.to(h.dtype) @ h).float()
-                if g_b is not None:
-                    g_b += g.sum(0)
+        cs, ct = _compute_dtype(hs, ws), _compute_dtype(ht, wt)
+        with contextlib.ExitStack() as stack:  # the casts below are explicit: autocast would redo them per chunk
+            for device_type in {hs.device.type, ht.device.type}:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            ws_c, wt_c = ws.detach().to(cs), wt.detach().to(ct)
+            bs_c = None if bs is None else bs.detach().to(cs)
+            bt_c = None if bt is None else bt.detach().to(ct)
+            sums = _fused_chunks(hs.detach().to(cs), ws_c, bs_c, ht.detach().to(ct), wt_c, bt_c, kd_weight, labels,
+                                 loss_type, beta, temperature, chunk, weights, live, grads, use_kernel)
         ctx.grads = grads
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         if mix is None:
             return sums[0], sums[1], sums.new_zeros(())
-        mixed = torch.as_tensor(mix[0] * sums[0] + (mix[1] * sums[1] if labels is not None else 0.0), **f32)
+        mixed = sums.new_zeros(())
+        for i, part in enumerate(("kd", "ce")):
+            if part in live:
+                mixed = mixed + weights[part] * sums[i]
         return sums[0], sums[1], mixed  # the caller detaches the first two
 
     @staticmethod
@@ -287,8 +322,79 @@ class _FusedLinearDistillation(torch.autograd.Function):
         return (*out, None, None, None, None, None, None)
 
 
+def _fused_chunks(hs, ws, bs, ht, wt, bt, kd_weight, labels, loss_type, beta, temperature, chunk, weights, live,
+                  grads, use_kernel) -> torch.Tensor:
+    """The chunk loop of :class:`_FusedLinearDistillation` (inputs already in their matmul dtypes):
+    returns the float32 ``[KD sum, CE sum]`` and adds every chunk's gradients into ``grads``."""
+    sums = torch.zeros(2, dtype=torch.float32, device=hs.device)
+    if use_kernel:
+        from . import kd_triton
+
+        mix_weights = torch.stack([torch.as_tensor(weights[p], dtype=torch.float32, device=hs.device)
+                                   if torch.is_tensor(weights[p]) else sums.new_full((), weights[p])
+                                   for p in ("kd", "ce")])  # device scalars, read by the kernel: no host sync
+    for start in range(0, hs.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        h, w_kd = hs[rows], kd_weight[rows]
+        y = None if labels is None else labels[rows]
+        z_s = F.linear(h, ws, bs)
+        z_t = F.linear(ht[rows], wt, bt).to(hs.device)
+        if use_kernel:  # the mixed gradient is written over z_s
+            div, nll = kd_triton.kd_ce_chunk(z_s, z_t, y, w_kd, mix_weights, reverse=loss_type == "reverse_kl",
+                                             temperature=temperature)
+            chunk_grads = {"mix": z_s} if grads else {}
+        else:
+            log_t, log_s = _log_probs(z_t, temperature), _log_probs(z_s, temperature)
+            del z_t
+            recompute = None if temperature == 1.0 else (lambda: _log_probs(z_s, 1.0))
+            div, nll, chunk_grads = _torch_chunk(log_s, log_t, y, w_kd, loss_type, beta, temperature,
+                                                 bool(grads), recompute)
+            del log_s, log_t
+            if "mix" in grads:  # the weighted sum, accumulated into the first live part's buffer
+                first, *rest = live
+                mixed_grad = chunk_grads[first].mul_(weights[first])
+                for part in rest:
+                    mixed_grad.add_(chunk_grads.pop(part).mul_(weights[part]))  # tensor weights: no .item()
+                chunk_grads = {"mix": mixed_grad}
+        sums[0] += (div * w_kd).sum()
+        if nll is not None:
+            sums[1] += nll.sum()
+        for part, (g_h, g_w, g_b) in grads.items():
+            g = chunk_grads[part].to(ws.dtype)
+            if g_h is not None:
+                g_h[rows] = g @ ws
+            if g_w is not None:
+                _accumulate_mm(g_w, g.T, h)
+            if g_b is not None:
+                g_b += g.sum(0, dtype=torch.float32)
+    return sums
+
+
+def _use_kernel(kernel: str, device: torch.device, loss_type: str, beta: float, mix) -> bool:
+    """Whether the chunks run the Triton kernel (``kernel``: ``auto`` | ``triton`` | ``torch``)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kd kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return False
+    from . import kd_triton
+
+    why = None
+    if not kd_triton.available(device):
+        why = f"needs triton and a CUDA device (got {device.type}{'' if kd_triton.triton else ', no triton'})"
+    elif _effective(loss_type, beta) not in ("forward_kl", "reverse_kl"):
+        why = "covers forward and reverse KL only (JSD with 0 < β < 1 uses the PyTorch chunk)"
+    elif mix is None:
+        why = "computes the kd_ratio-weighted loss only (fused_linear_kd_ce_loss)"
+    if why and kernel == "triton":
+        raise ValueError(f"kd kernel 'triton' {why}: use kernel='auto' or 'torch'")
+    return why is None
+
+
+KERNELS = ("auto", "triton", "torch")
+
+
 def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels, loss_type, beta,
-           temperature, num_items_in_batch, chunk_size, student_head_bias, teacher_head_bias, kd_ratio):
+           temperature, num_items_in_batch, chunk_size, student_head_bias, teacher_head_bias, kernel, kd_ratio):
     """Checks, flattening and the fused pass shared by the two public functions: ``(kd, ce, mixed)``."""
     check_loss_type(loss_type)
     if temperature <= 0:
@@ -314,23 +420,28 @@ def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_wei
         kd_rows = flat_labels != -100
     else:
         kd_rows = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
+    kd_count = kd_rows.sum()
+    ce_count = None if flat_labels is None else (flat_labels != -100).sum()
     keep = kd_rows if flat_labels is None else kd_rows | (flat_labels != -100)
-    if not bool(keep.all()):  # rows nobody supervises cost nothing
-        hs, ht, kd_rows = hs[keep], ht[keep.to(ht.device)], kd_rows[keep]
-        flat_labels = None if flat_labels is None else flat_labels[keep]
+    kept = keep.nonzero()[:, 0]  # the call's one host sync: rows nobody supervises cost nothing
+    if kept.numel() < keep.numel():
+        hs, ht, kd_rows = hs.index_select(0, kept), ht.index_select(0, kept.to(ht.device)), kd_rows.index_select(0, kept)
+        flat_labels = None if flat_labels is None else flat_labels.index_select(0, kept)
     one = torch.ones((), device=hs.device)  # sum → reduced loss: × kd_scale, × ce_scale
-    kd_scale = _reduce(one, kd_rows.sum(), num_items_in_batch) * temperature**2
-    ce_scale = None if flat_labels is None else _reduce(one, (flat_labels != -100).sum(), num_items_in_batch)
+    kd_scale = _reduce(one, kd_count, num_items_in_batch) * temperature**2
+    ce_scale = None if ce_count is None else _reduce(one, ce_count, num_items_in_batch)
     mix = None
     if kd_ratio is not None:
         if not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
         ce_weight = 1.0 - kd_ratio if ce_scale is not None else 0.0
         mix = (kd_ratio * kd_scale if kd_ratio else 0.0, ce_weight * ce_scale if ce_weight else 0.0)
-    chunk = chunk_size or fused_chunk_size(hs.shape[0], student_head_weight.shape[0], hs.shape[1])
-    opts = (loss_type, beta, temperature, chunk, mix, torch.is_grad_enabled())
+    use_kernel = _use_kernel(kernel, hs.device, loss_type, beta, mix)
+    chunk = chunk_size or fused_chunk_size(hs.shape[0], student_head_weight.shape[0], hs.shape[1], use_kernel)
+    opts = (loss_type, beta, temperature, chunk, mix, torch.is_grad_enabled(), use_kernel)
     kd_sum, ce_sum, mixed = _FusedLinearDistillation.apply(
-        hs, student_head_weight, student_head_bias, ht, teacher_head_weight, teacher_head_bias, kd_rows, flat_labels, opts,
+        hs, student_head_weight, student_head_bias, ht, teacher_head_weight, teacher_head_bias, kd_rows.float(),
+        flat_labels, opts,
     )
     if mix is not None:
         kd_sum, ce_sum = kd_sum.detach(), ce_sum.detach()
@@ -345,10 +456,13 @@ _FUSED_ARGS = """
         mask: bool ``(...)``, the positions distilled (default: all, or those with a label).
         labels: ``(...)`` token ids for the cross-entropy, −100 = not supervised (no shift is done).
         chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`.
+        kernel: ``auto`` (the Triton chunk of :mod:`hf_sdft.kd_triton` on CUDA for forward / reverse
+            KL in :func:`fused_linear_kd_ce_loss`, else PyTorch), ``triton`` (required) or ``torch``.
 
-    Each chunk computes both heads' logits in the inputs' dtype, one float32 log-softmax per side
-    shared by KD and CE (at temperature 1), and the gradients of the chunk right away, so the peak
-    memory is a chunk of logits plus gradient buffers the size of the inputs.
+    Each chunk computes both heads' logits in the matmul dtype (autocast's, else the inputs'), the
+    log-softmaxes and sums in float32 (KD at the temperature, CE at 1), and the gradients of the
+    chunk right away, so the peak memory is a chunk of logits plus gradient buffers the size of the
+    inputs. The loop never reads a value back to the host (one sync per call, to drop unsupervised rows).
 """
 
 
@@ -367,6 +481,7 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     student_head_bias: torch.Tensor | None = None,
     teacher_head_bias: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KD (and CE) losses of the linear heads applied to hidden states, without ever building the
     ``(N, V)`` logits: ``(kd, ce)``, float32 scalars reduced as :func:`distillation_loss` and
@@ -376,7 +491,7 @@ def fused_linear_distillation_loss(
     """
     kd, ce, _ = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
                        loss_type, beta, temperature, num_items_in_batch, chunk_size, student_head_bias,
-                       teacher_head_bias, None)
+                       teacher_head_bias, kernel, None)
     return kd, ce
 
 

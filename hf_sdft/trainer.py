@@ -238,7 +238,7 @@ class SDFTMixin:
                 mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
                     s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
                     shift_labels, kd_ratio=kd_ratio, student_head_bias=s_head.bias,
-                    teacher_head_bias=t_head.bias, **kd_kwargs,
+                    teacher_head_bias=t_head.bias, kernel=args.kd_kernel, **kd_kwargs,
                 )
             else:
                 student_logits = outputs.logits[..., :-1, :]
