@@ -145,8 +145,10 @@ def _chunked_sum(fn, tensors: tuple[torch.Tensor, ...], chunk_size: int | None) 
 
 def _reduce(total: torch.Tensor, count, num_items_in_batch) -> torch.Tensor:
     """sum ÷ ``num_items_in_batch`` when given, else ÷ ``count`` (at least 1)."""
-    if num_items_in_batch is not None:
-        return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device).clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        return total / num_items_in_batch.to(total.device, torch.float32).clamp(min=1)
+    if num_items_in_batch is not None:  # a Python number: no host-to-device copy (a blocking one on CUDA)
+        return total / max(float(num_items_in_batch), 1.0)
     return total / (count.clamp(min=1) if torch.is_tensor(count) else max(count, 1))
 
 

@@ -372,11 +372,13 @@ def test_kernel_choice(monkeypatch):
     assert auto[0].item() == torch_[0].item()
 
 
-def test_triton_chunk_kernel_equals_the_pytorch_chunk():
-    """The Triton kernel, run by Triton's CPU interpreter in a fresh interpreter, against the PyTorch chunk."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA device"))])
+def test_triton_chunk_kernel_equals_the_pytorch_chunk(device):
+    """The Triton kernel (on CPU: run by Triton's interpreter, in a fresh process) against the PyTorch chunk."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpret_check.py"))], env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": "1"} if device == "cpu" else {})}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_check.py")), device], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(proc.stdout.splitlines()[-1])

@@ -1,16 +1,18 @@
-"""Run by tests/test_fused_loss.py with TRITON_INTERPRET=1: the fused loss with the Triton chunk
-kernel against the PyTorch chunk on CPU tensors; prints one JSON list of cases."""
+"""Run by tests/test_fused_loss.py: the fused loss with the Triton chunk kernel against the PyTorch
+chunk, on CUDA (``python tests/kernel_check.py cuda``) or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1 python tests/kernel_check.py cpu``); prints one JSON list of cases."""
 
 import itertools
 import json
-import os
+import sys
 
 import torch
 
 from hf_sdft import kd_triton
 from hf_sdft.losses import fused_linear_kd_ce_loss
 
-assert os.environ.get("TRITON_INTERPRET") == "1" and kd_triton.available(torch.device("cpu"))
+device = torch.device(sys.argv[1])
+assert kd_triton.available(device), f"the kernel cannot run on {device} (no triton, or no TRITON_INTERPRET=1 on CPU)"
 cases = []
 for dtype, kind, temp, with_labels in itertools.product((torch.float32, torch.bfloat16), ("forward_kl", "reverse_kl"),
                                                        (1.0, 2.0), (True, False)):
@@ -20,6 +22,7 @@ for dtype, kind, temp, with_labels in itertools.product((torch.float32, torch.bf
     ws, wt = torch.randn(vocab, hidden, generator=g) * 0.4, torch.randn(vocab, hidden, generator=g) * 0.4
     bias = torch.randn(vocab, generator=g) * 0.1
     labels = torch.randint(vocab, (n,), generator=g)
+    hs, ht, ws, wt, bias, labels = (t.to(device) for t in (hs, ht, ws, wt, bias, labels))
     labels[::4] = -100
     mask = labels != -100
     mask[4] = True  # KD on a row without a label

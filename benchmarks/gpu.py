@@ -1,0 +1,411 @@
+"""The GPU benchmark: one prepared script, about 8 minutes on one GPU, no network, each part in
+its own time box (a subprocess stopped at its limit; what it finished is kept, the rest is
+reported as not measured).
+
+    python benchmarks/gpu.py            # on a CUDA machine; writes benchmarks/results/gpu.md + gpu.json
+    python benchmarks/gpu.py --smoke    # every part at toy sizes on CPU in about a minute (a test runs it)
+
+Parts:
+- loss: the KD loss alone (forward KL, forward + backward, bf16 inputs, N = 16,384 positions) at
+  H 1024 / V 151,936 and H 4096 / V 128,256: hf-sdft's fused loss with its default chunk kernel
+  (Triton on CUDA) and with the PyTorch chunk, Liger's ``LigerFusedLinearJSD(jsd_beta=0)`` when
+  liger-kernel is installed, and the unfused loss on full logits (first shape only). Median time
+  of 5 calls after 2 warm-ups; peak memory above the inputs.
+- steps: seconds per optimizer step of a Qwen3-0.6B-shaped model (random weights, batch 8 × 1024
+  tokens, ``bf16``, AdamW, median of 6 steps after 2) and peak memory: plain ``Trainer`` CE, SDFT
+  default, SDFT with the PyTorch chunk, SDFT unfused, SDFT + CKA loss, int4 and int2 QAT students
+  (SDFT default), and the bare CE and forward-KL loops (AdamW, no Trainer, bf16 autocast).
+- jobs: ``hf-sdft recover`` with its defaults, and the quanto-int2 recipe with the embedded
+  model's small-model settings: wall time and R.
+
+Everything is built from configs or shipped with the project; run with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT  # noqa: E402
+
+BUDGET_S = {"loss": 95, "steps": 200, "job-default": 90, "job-int2": 90}  # GPU time boxes: 475 s in all
+SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "job-default": 120, "job-int2": 120}
+SHAPES = [(1024, 151_936), (4096, 128_256)]  # (hidden, vocabulary): Qwen3-0.6B's head, Llama-3-8B's head
+SMALL_MODEL = ["--block_size", "128", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
+               "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false"]
+TARGETS = {  # row: (baseline row, target ratio) from the issue that asked for this benchmark
+    "SDFT default": ("plain CE (Trainer)", 1.35),
+    "SDFT int4 QAT": ("SDFT default", 1.25),
+    "SDFT int2 QAT": ("SDFT default", 1.25),
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset() -> int:
+    """Resets the peak-memory counter; returns the bytes allocated now (0 on CPU: not measured)."""
+    if not torch.cuda.is_available():
+        return 0
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_gib(base: int) -> float | None:
+    return (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else None
+
+
+class Saver:
+    """Results of one part, written to its JSON file after every row (a part stopped at its time
+    box keeps what it finished)."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, {}
+
+    def __setitem__(self, key, value):
+        self.rows[key] = value
+        self.path.write_text(json.dumps(self.rows, indent=1))
+        print(key, value, flush=True)
+
+
+# ---------------------------------------------------------------------------- loss alone
+
+
+def time_calls(fn, warmup: int, reps: int) -> tuple[float, float | None]:
+    """Median seconds of ``fn()`` and its peak memory above what was allocated before (GiB)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    base = peak_reset()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak_gib(base)
+
+
+def part_loss(a, save: Saver) -> None:
+    from hf_sdft.losses import distillation_loss, fused_linear_kd_ce_loss
+
+    dev, dtype = device(), torch.bfloat16 if device().type == "cuda" else torch.float32
+    n, shapes, reps = (16_384, SHAPES, 5) if not a.smoke else (256, [(64, 1000)], 2)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        LigerFusedLinearJSD = None
+    for hidden, vocab in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        hs = (torch.randn(n, hidden, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
+        ws = (torch.randn(vocab, hidden, device=dev, generator=g) / hidden**0.5).to(dtype).requires_grad_()
+        ht = (torch.randn(n, hidden, device=dev, generator=g) * 0.5).to(dtype)
+        wt = (torch.randn(vocab, hidden, device=dev, generator=g) / hidden**0.5).to(dtype)
+
+        def backward(loss):
+            loss.backward()
+            hs.grad = ws.grad = None
+
+        methods = {
+            "hf-sdft fused (default kernel)": lambda: backward(fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0)[0]),
+            "hf-sdft fused (PyTorch chunk)": lambda: backward(
+                fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0, kernel="torch")[0]),
+        }
+        if LigerFusedLinearJSD is not None and dev.type == "cuda":
+            liger = LigerFusedLinearJSD(jsd_beta=0.0)  # β = 0: forward KL
+            methods["Liger LigerFusedLinearJSD(jsd_beta=0)"] = lambda: backward(liger(hs, ws, ht, wt, None))
+        if hidden == shapes[0][0]:
+            methods["unfused (full logits)"] = lambda: backward(distillation_loss(hs @ ws.T, ht @ wt.T))
+        for name, fn in methods.items():
+            key = f"H {hidden} / V {vocab} | {name}"
+            try:
+                seconds, gib = time_calls(fn, 2 if not a.smoke else 1, reps)
+                save[key] = {"ms": seconds * 1e3, "peak_gib": gib}
+            except torch.OutOfMemoryError as e:
+                save[key] = {"error": f"out of memory: {str(e)[:120]}"}
+                hs.grad = ws.grad = None
+        if LigerFusedLinearJSD is None:
+            save[f"H {hidden} / V {vocab} | Liger LigerFusedLinearJSD(jsd_beta=0)"] = {"error": "liger-kernel not installed"}
+        elif dev.type != "cuda":
+            save[f"H {hidden} / V {vocab} | Liger LigerFusedLinearJSD(jsd_beta=0)"] = {"error": "needs CUDA"}
+        del hs, ws, ht, wt
+
+
+# ---------------------------------------------------------------------------- training steps
+
+
+def qwen3_shape(smoke: bool):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28) if not smoke \
+        else dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    return Qwen3ForCausalLM(Qwen3Config(**size, num_attention_heads=16, num_key_value_heads=8, head_dim=128 if not smoke
+                                        else 8, max_position_embeddings=4096, tie_word_embeddings=True))
+
+
+def part_steps(a, save: Saver) -> None:
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sdft import SDFTConfig, SDFTTrainer
+    from hf_sdft.compress.quantize import quantize_student
+    from hf_sdft.data import pad
+
+    dev = device()
+    batch, seq, warmup, timed = (8, 1024, 2, 6) if not a.smoke else (2, 64, 1, 2)
+    base = qwen3_shape(a.smoke)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (batch * (warmup + timed + 1), seq), generator=g)
+    train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    half = dev.type == "cuda"
+    teacher = copy.deepcopy(base).to(dev, torch.bfloat16 if half else torch.float32).requires_grad_(False).eval()
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.ends.append(time.perf_counter())
+
+    def median_step(ends):
+        return statistics.median(b - a_ for a_, b in zip(ends[warmup - 1:], ends[warmup:]))
+
+    def trainer_row(extra: dict | None, quant: str | None = None):
+        common = dict(output_dir=tempfile.mkdtemp(), max_steps=warmup + timed, per_device_train_batch_size=batch,
+                      learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True,
+                      logging_steps=10**6, use_cpu=dev.type == "cpu", bf16=half, dataloader_drop_last=True, seed=0)
+        student = copy.deepcopy(base)
+        if quant:
+            quantize_student(student, quant, group_size=32 if quant == "int2" else "auto")
+        student = student.to(dev).requires_grad_(True)
+        mem0, clock = peak_reset(), Clock()
+        if extra is None:
+            trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=pad,
+                              callbacks=[clock])
+        else:
+            trainer = SDFTTrainer(model=student, args=SDFTConfig(**common, **extra), teacher_model=teacher,
+                                  train_dataset=train, data_collator=pad, callbacks=[clock])
+        trainer.train()
+        return {"s_per_step": median_step(clock.ends), "peak_gib": peak_gib(mem0)}
+
+    def bare_row(kd: bool):
+        student = copy.deepcopy(base).to(dev).requires_grad_(True).train()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        mem0, ends = peak_reset(), []
+        for i in range(warmup + timed):
+            x = ids[i * batch:(i + 1) * batch].to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=half):
+                logits = student(input_ids=x).logits[:, :-1]
+                if kd:
+                    with torch.no_grad():
+                        t = F.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
+                    s = F.log_softmax(logits.float(), -1)
+                    loss = (t.exp() * (t - s)).sum(-1).mean()
+                else:
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            loss.backward()
+            opt.step(), opt.zero_grad()
+            sync()
+            ends.append(time.perf_counter())
+        return {"s_per_step": median_step(ends), "peak_gib": peak_gib(mem0)}
+
+    rows = {
+        "plain CE (Trainer)": lambda: trainer_row(None),
+        "SDFT default": lambda: trainer_row({}),
+        "SDFT PyTorch chunk (kd_kernel torch)": lambda: trainer_row({"kd_kernel": "torch"}),
+        "SDFT unfused (kd_fused false)": lambda: trainer_row({"kd_fused": False}),
+        "SDFT + CKA loss (cka_weight 0.1)": lambda: trainer_row({"cka_weight": 0.1}),
+        "bare CE loop": lambda: bare_row(False),
+        "bare forward-KL loop": lambda: bare_row(True),
+        "SDFT int4 QAT": lambda: trainer_row({}, "int4"),  # last: a slow first QAT forward costs only these rows
+        "SDFT int2 QAT": lambda: trainer_row({}, "int2"),
+    }
+    for name, row in rows.items():
+        t0 = time.perf_counter()
+        try:
+            result = row()
+        except torch.OutOfMemoryError as e:
+            result = {"error": f"out of memory: {str(e)[:120]}"}
+        save[name] = {**result, "wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- the recovery job
+
+
+def part_job(a, save: Saver, recipe: str | None) -> None:
+    out = Path(tempfile.mkdtemp()) / "job"
+    argv = [sys.executable, "-m", "hf_sdft.cli", "recover", "--output_dir", str(out), "--disable_tqdm", "true"]
+    if recipe:
+        argv += ["--config", f"recipes/{recipe}.yaml", *SMALL_MODEL, "--max_steps", "300", "--logging_steps", "50",
+                 "--save_steps", "1000", "--cka_every_n_steps", "100"]
+    if not torch.cuda.is_available():
+        argv += ["--use_cpu", "true", "--bf16", "false"]
+    if a.smoke:
+        argv += ["--max_steps", "2", "--max_eval_blocks", "8", "--probe_blocks", "4", "--cka_every_n_steps", "2"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        save["job"] = {"error": proc.stderr[-1500:], "wall_s": wall}
+        return
+    stats = json.loads((out / "sdft_stats.json").read_text())
+    save["job"] = {"wall_s": wall, "R": stats["recovery_ratio"], "ppl": stats["perplexity"],
+                   "degradation": stats["degradation"], "train_s": stats["recovery"]["train_seconds"],
+                   "command": "hf-sdft recover " + " ".join(argv[5:])}
+
+
+# ---------------------------------------------------------------------------- driver and report
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "unset")}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "optimum-quanto", "liger-kernel", "triton", "kernels"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = "not installed"
+    return env
+
+
+def run_part(part: str, a, work: Path) -> dict:
+    """Runs ``part`` in a subprocess within its time box; returns what it saved (and why it stopped)."""
+    limit = (SMOKE_BUDGET_S if a.smoke else BUDGET_S)[part]
+    path = work / f"{part}.json"
+    argv = [sys.executable, __file__, "--part", part, "--part_out", str(path), *(["--smoke"] if a.smoke else [])]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, timeout=limit, capture_output=True, text=True)
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}): {proc.stderr[-1200:]}"
+    except subprocess.TimeoutExpired:
+        status = f"stopped at its {limit} s time box"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    print(f"[{part}] {status} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"status": status, "limit_s": limit, "wall_s": time.perf_counter() - t0, "rows": result}
+
+
+def fmt(x, spec=".3f", unit=""):
+    return "not measured" if x is None else f"{x:{spec}}{unit}"
+
+
+def report(results: dict) -> str:
+    env = results["environment"]
+    lines = ["# GPU benchmark", "", f"Measured on **{env['device']}** with `python benchmarks/gpu.py`"
+             + (" --smoke (toy sizes: these figures say nothing about a GPU)" if results["smoke"] else "")
+             + f", {results['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device")
+             + ". Figures not in a table were not measured.", ""]
+    parts = results["parts"]
+
+    def status(part):
+        p = parts.get(part)
+        return "not run" if p is None else ("" if p["status"] == "ok" else f"**{p['status'].splitlines()[0][:300]}**")
+
+    loss = parts.get("loss", {}).get("rows", {})
+    lines += ["## The KD loss alone (forward KL, forward + backward, bf16, N = 16,384)", "", status("loss"), "",
+              "| shape | method | ms | peak GiB above inputs | vs Liger: time / memory |", "|---|---|---:|---:|---:|"]
+    for key, row in loss.items():
+        shape, method = key.split(" | ")
+        liger = loss.get(f"{shape} | Liger LigerFusedLinearJSD(jsd_beta=0)", {})
+        vs = "" if "ms" not in liger or "ms" not in row or method.startswith("Liger") else \
+            f"{row['ms'] / liger['ms']:.2f}× / " + (f"{row['peak_gib'] / liger['peak_gib']:.2f}×"
+                                                     if row.get("peak_gib") and liger.get("peak_gib") else "–")
+        if "error" in row:
+            lines.append(f"| {shape} | {method} | {row['error'][:80]} | | |")
+        else:
+            lines.append(f"| {shape} | {method} | {row['ms']:.1f} | {fmt(row['peak_gib'], '.2f')} | {vs} |")
+    steps = parts.get("steps", {}).get("rows", {})
+    lines += ["", "## Training steps (Qwen3-0.6B shape, random weights, batch 8 × 1024, bf16, AdamW)", "", status("steps"), "",
+              "| row | s / step | × plain CE | peak GiB | target |", "|---|---:|---:|---:|---|"]
+    ce = steps.get("plain CE (Trainer)", {}).get("s_per_step")
+    bare_ce = steps.get("bare CE loop", {}).get("s_per_step")
+    for name, row in steps.items():
+        if "error" in row:
+            lines.append(f"| {name} | {row['error'][:80]} | | | |")
+            continue
+        ref = bare_ce if name.startswith("bare") else ce
+        ratio = f"{row['s_per_step'] / ref:.2f}" + (" (× bare CE)" if name.startswith("bare") else "") if ref else "–"
+        target = ""
+        if name in TARGETS:
+            base_name, limit = TARGETS[name]
+            base = steps.get(base_name, {}).get("s_per_step")
+            if base:
+                got = row["s_per_step"] / base
+                target = f"≤ {limit}× {base_name}: {got:.2f}× — {'met' if got <= limit else 'missed'}"
+        lines.append(f"| {name} | {row['s_per_step']:.3f} | {ratio} | {fmt(row['peak_gib'], '.1f')} | {target} |")
+    for name in ("plain CE (Trainer)", "SDFT default", "SDFT int4 QAT", "SDFT int2 QAT"):
+        if name not in steps:
+            lines.append(f"| {name} | not measured | | | |")
+    lines += ["", "## The recovery job", "", "| job | wall s | R | perplexity teacher / degraded / recovered | status |",
+              "|---|---:|---:|---|---|"]
+    for part, label in (("job-default", "`hf-sdft recover` (defaults)"), ("job-int2", "quanto-int2 recipe, small-model flags")):
+        row = parts.get(part, {}).get("rows", {}).get("job")
+        if not row or "error" in row:
+            why = status(part) or (row or {}).get("error", "not run")[-200:].replace("\n", " ")
+            lines.append(f"| {label} | not measured | | | {why} |")
+            continue
+        ppl = row["ppl"]
+        lines.append(f"| {label} | {row['wall_s']:.0f} | {fmt(row['R'])} | {ppl.get('teacher', 0):.2f} / "
+                     f"{ppl.get('degraded', 0):.2f} / {ppl.get('recovered', 0):.2f} | {status(part) or 'ok'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, about a minute")
+    p.add_argument("--out", default=None, help="folder for gpu.md / gpu.json (default: benchmarks/results, "
+                   "or outputs/gpu-smoke with --smoke)")
+    p.add_argument("--parts", nargs="*", default=list(BUDGET_S))
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    p.add_argument("--part_out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.part:  # inside a part's subprocess
+        save = Saver(Path(a.part_out))
+        if a.part == "loss":
+            part_loss(a, save)
+        elif a.part == "steps":
+            part_steps(a, save)
+        else:
+            part_job(a, save, None if a.part == "job-default" else "quanto-int2")
+        return
+    if not torch.cuda.is_available() and not a.smoke:
+        sys.exit("no CUDA device: run with --smoke for the CPU check (figures from a CPU are not GPU figures)")
+    out = Path(a.out or (ROOT / "outputs" / "gpu-smoke" if a.smoke else RESULTS))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp())
+    results = {"smoke": a.smoke, "date": time.strftime("%Y-%m-%d"), "environment": environment(), "parts": {}}
+    for part in a.parts:
+        results["parts"][part] = run_part(part, a, work)
+        (out / "gpu.json").write_text(json.dumps(results, indent=1))
+        (out / "gpu.md").write_text(report(results))
+    print(f"wrote {out / 'gpu.md'}")
+
+
+if __name__ == "__main__":
+    main()
