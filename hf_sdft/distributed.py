@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -40,6 +41,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(buf)
     tensor.copy_(buf.cpu())
     return tensor
+
+
+def check_fsdp_launch(accelerator) -> None:
+    """Fail when the launch asked for FSDP (``ACCELERATE_USE_FSDP``) but the accelerator did not
+    turn it on: accelerate then trains with DDP, each rank holding whole models."""
+    import accelerate
+
+    state = accelerator.state
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and getattr(state, "fsdp_plugin", None) is None:
+        raise RuntimeError(
+            f"the launch asked for FSDP (ACCELERATE_USE_FSDP=true) but accelerate {accelerate.__version__} runs "
+            f"{state.distributed_type.value}: it turns FSDP on only for GPU-type devices, so every rank would hold "
+            "the whole student and teacher. On CPU drop --use_fsdp (--multi_gpu with use_cpu true: DDP over "
+            "gloo); to shard, run on GPUs"
+        )
 
 
 def wait_for_everyone() -> None:

@@ -148,6 +148,33 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def shard_teacher_fsdp2(teacher: nn.Module, accelerator) -> nn.Module:
+    """Shard the frozen ``teacher`` with FSDP2 like accelerate shards the student: one unit per
+    decoder layer (the plugin's ``transformer_cls_names_to_wrap``, else the teacher's
+    ``_no_split_modules``) plus the root, on the accelerator's mesh with the plugin's offload policy.
+    Every unit reshards after forward (the teacher has no backward that would reuse the gathered
+    weights), and the teacher computes in its own dtype (``teacher_dtype``), not the plugin's
+    mixed-precision dtype."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(teacher, FSDPModule):
+        return teacher
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs = {"reshard_after_forward": True, "offload_policy": plugin.cpu_offload}
+    if mesh is not None:
+        kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    names = {*(plugin.transformer_cls_names_to_wrap or []), *(getattr(teacher, "_no_split_modules", None) or [])}
+    layers = [m for m in teacher.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"FSDP2 teacher: none of the layer classes {sorted(names)} is in {type(teacher).__name__}: "
+                         "set fsdp_transformer_layer_cls_to_wrap to the teacher's decoder layer class")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher
+
+
 @contextlib.contextmanager
 def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[nn.Module]:
     """Yield the module that computes the teacher's outputs, under ``torch.no_grad()``.

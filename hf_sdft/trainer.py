@@ -20,6 +20,7 @@ from trl import SFTTrainer
 
 from .cka import linear_cka
 from .data import pad
+from .distributed import check_fsdp_launch
 from .losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy, topk_distillation_loss
 from .on_policy import TEACHER_PROMPT, OnPolicySampler
 from .teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
@@ -32,6 +33,7 @@ from .teacher import (
     load_teacher,
     plain_head,
     resolve_layers,
+    shard_teacher_fsdp2,
     teacher_context,
     unwrap,
 )
@@ -101,6 +103,7 @@ class SDFTMixin:
         self.cka_loss_layers = (
             resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
         )
+        check_fsdp_launch(self.accelerator)
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
         if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
@@ -150,7 +153,9 @@ class SDFTMixin:
             from trl.models.utils import prepare_deepspeed
 
             return freeze(prepare_deepspeed(teacher, self.accelerator))
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            return freeze(shard_teacher_fsdp2(freeze(teacher), self.accelerator))
+        if self.is_fsdp_enabled:  # FSDP1
             from trl.models.utils import prepare_fsdp
 
             return freeze(prepare_fsdp(teacher, self.accelerator))
