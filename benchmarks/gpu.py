@@ -246,6 +246,8 @@ def part_steps(a, save: Saver) -> None:
         "SDFT int2 QAT": lambda: trainer_row({}, "int2"),
     }
     for name, row in rows.items():
+        if a.rows and name not in a.rows:
+            continue
         t0 = time.perf_counter()
         try:
             result = row()
@@ -299,7 +301,8 @@ def run_part(part: str, a, work: Path) -> dict:
     """Runs ``part`` in a subprocess within its time box; returns what it saved (and why it stopped)."""
     limit = (SMOKE_BUDGET_S if a.smoke else BUDGET_S)[part]
     path = work / f"{part}.json"
-    argv = [sys.executable, __file__, "--part", part, "--part_out", str(path), *(["--smoke"] if a.smoke else [])]
+    argv = [sys.executable, __file__, "--part", part, "--part_out", str(path), *(["--smoke"] if a.smoke else []),
+            *(["--rows", *a.rows] if a.rows else [])]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(argv, cwd=ROOT, timeout=limit, capture_output=True, text=True)
@@ -382,6 +385,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for gpu.md / gpu.json (default: benchmarks/results, "
                    "or outputs/gpu-smoke with --smoke)")
     p.add_argument("--parts", nargs="*", default=list(BUDGET_S))
+    p.add_argument("--rows", nargs="*", default=[], help="only these rows of the steps part (default: all)")
+    p.add_argument("--update", action="store_true", help="keep the other parts' results from the output folder's gpu.json")
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--part_out", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -400,8 +405,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
     results = {"smoke": a.smoke, "date": time.strftime("%Y-%m-%d"), "environment": environment(), "parts": {}}
+    if a.update and (out / "gpu.json").exists():
+        results["parts"] = json.loads((out / "gpu.json").read_text())["parts"]
     for part in a.parts:
-        results["parts"][part] = run_part(part, a, work)
+        new = run_part(part, a, work)
+        if a.rows and part == "steps":  # the other rows stay as they were measured
+            new["rows"] = {**results["parts"].get(part, {}).get("rows", {}), **new["rows"]}
+        results["parts"][part] = new
         (out / "gpu.json").write_text(json.dumps(results, indent=1))
         (out / "gpu.md").write_text(report(results))
     print(f"wrote {out / 'gpu.md'}")
