@@ -188,7 +188,8 @@ class SDFTMixin:
         with teacher_context(self.model, self.teacher_model) as teacher, capture_layers(teacher, layers) as hidden, \
                 (head_input(head) if head is not None else contextlib.nullcontext()) as head_in:
             device = next(teacher.parameters()).device
-            outputs = teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
+            with self.accelerator.autocast():  # the student's precision (accelerate autocasts only its forward)
+                outputs = teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
         student_device = model_inputs["input_ids"].device
         hidden = {i: h.to(student_device) for i, h in hidden.items()}
         return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
@@ -238,7 +239,9 @@ class SDFTMixin:
         kd_kwargs = dict(loss_type=args.kd_loss, beta=args.kd_beta, temperature=args.kd_temperature,
                          num_items_in_batch=1, chunk_size=args.kd_chunk_size)
         output_grad = torch.is_grad_enabled() and args.output_loss_weight > 0  # else CE and KD are logged only
-        with torch.set_grad_enabled(output_grad):
+        # accelerate autocasts the model's forward only: without this the fused heads would multiply
+        # float32 master weights in float32 (on a GPU, several times slower than bf16 tensor cores)
+        with torch.set_grad_enabled(output_grad), self.accelerator.autocast():
             if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
                 mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
                     s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
