@@ -77,6 +77,13 @@ class SDFTArguments:
     teacher_device: str | None = field(
         default=None, metadata={"help": "Device of the online teacher (e.g. cuda:1 or cpu); default: the student's."}
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={"help": "Let transformers swap layers of the models hf-sdft loads (teacher, student) for the Hub's "
+                  "kernels-community kernels (transformers' own default when the kernels package is installed). "
+                  "Needs network or those kernels in the local cache: offline without them, loading or training "
+                  "fails. Default false: the plain PyTorch layers."},
+    )
 
     on_policy_ratio: float = field(
         default=0.0, metadata={"help": "Fraction λ of batches replaced by the student's own samples (GKD-style): "
