@@ -354,11 +354,12 @@ def resolve_mixed_precision(bf16: bool, fp16: bool | None, use_cpu: bool = False
 
 
 def bf16_supported(use_cpu: bool = False) -> bool:
-    """Whether mixed-precision bf16 training runs natively here (a CUDA/XPU device with bf16)."""
+    """Whether mixed-precision bf16 training runs natively here (a CUDA/XPU device with bf16). On
+    CUDA not emulated bf16: ``torch.cuda.is_bf16_supported()`` alone is true on T4 and V100 too."""
     if use_cpu:
         return False
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
