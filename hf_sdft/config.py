@@ -82,6 +82,13 @@ class SDFTArguments:
     teacher_device: str | None = field(
         default=None, metadata={"help": "Device of the online teacher (e.g. cuda:1 or cpu); default: the student's."}
     )
+    use_kernels: bool = field(
+        default=False,
+        metadata={"help": "Let transformers swap layers of the models hf-sdft loads (teacher, student) for the Hub's "
+                  "kernels-community kernels (transformers' own default when the kernels package is installed). "
+                  "Needs network or those kernels in the local cache: offline without them, loading or training "
+                  "fails. Default false: the plain PyTorch layers."},
+    )
 
     on_policy_ratio: float = field(
         default=0.0, metadata={"help": "Fraction λ of batches replaced by the student's own samples (GKD-style): "
@@ -327,21 +334,39 @@ class RecoveryConfig(SDFTConfig):
     save_total_limit: int | None = 2
     report_to: None | str | list[str] = "none"
     bf16: bool = False
+    fp16: bool | None = field(
+        default=None,
+        metadata={"help": "float16 mixed precision (with a GradScaler). Unset: on where bf16 was asked for (the "
+                  "recipes) but the GPU has no bf16 (T4, V100); false trains in float32 there."},
+    )
     seed: int = 0
 
     def __post_init__(self):
-        if self.bf16 and not bf16_supported(self.use_cpu):
-            logger.warning("bf16 was asked for but this device has no bf16 support: training in float32")
-            self.bf16 = False
+        self.bf16, self.fp16 = resolve_mixed_precision(self.bf16, self.fp16, self.use_cpu)
         super().__post_init__()
 
 
+def resolve_mixed_precision(bf16: bool, fp16: bool | None, use_cpu: bool = False) -> tuple[bool, bool]:
+    """``(bf16, fp16)`` to train with. bf16 asked for where the device has none: fp16 on a CUDA GPU
+    (T4, V100) unless ``fp16`` is set, else float32 (logged); ``fp16`` set is kept as set."""
+    if bf16 and not bf16_supported(use_cpu):
+        if fp16 is None and not use_cpu and torch.cuda.is_available():
+            logger.warning("bf16 was asked for but this GPU has no bf16 support (e.g. T4, V100): training in fp16 "
+                           "mixed precision with a GradScaler (--fp16 false: float32)")
+            return False, True
+        if not fp16:
+            logger.warning("bf16 was asked for but this device has no bf16 support: training in float32")
+        return False, bool(fp16)
+    return bf16, bool(fp16)
+
+
 def bf16_supported(use_cpu: bool = False) -> bool:
-    """Whether mixed-precision bf16 training runs natively here (a CUDA/XPU device with bf16)."""
+    """Whether mixed-precision bf16 training runs natively here (a CUDA/XPU device with bf16). On
+    CUDA not emulated bf16: ``torch.cuda.is_bf16_supported()`` alone is true on T4 and V100 too."""
     if use_cpu:
         return False
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .callbacks import CKACallback
@@ -31,6 +31,7 @@ from .distributed import wait_for_everyone
 from .evaluation import measure
 from .stats import build_stats, downstream_scores
 from .student import Student, add_lora, degraded_student, finish_training, model_folder, own_student, save_student
+from .teacher import from_pretrained
 from .training import make_trainer, sft_on_narrow
 
 
@@ -63,7 +64,7 @@ def load(rec: RecoveryArguments, args: SDFTConfig, model_args) -> Original:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     own = rec.student_name_or_path is not None
     dtype = args.resolve_teacher_dtype(torch.float32) if own else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = from_pretrained(folder, dtype=dtype, use_kernels=args.use_kernels)
     template = args.teacher_prompt_template if args.teacher_context == "demonstration" else None
     return Original(path, tokenizer, model, load_recovery_data(rec, tokenizer, default_model, template))
 
@@ -71,7 +72,8 @@ def load(rec: RecoveryArguments, args: SDFTConfig, model_args) -> Original:
 def make_student(original: Original, rec: RecoveryArguments, args: SDFTConfig, model_args) -> Student:
     """Step 2: your own student (``student_name_or_path``) or a degraded copy of the original."""
     if rec.student_name_or_path is not None:
-        return own_student(rec, original.model, original.tokenizer, use_peft=bool(model_args.use_peft))
+        return own_student(rec, original.model, original.tokenizer, use_peft=bool(model_args.use_peft),
+                           use_kernels=args.use_kernels)
     return degraded_student(original.model, original.tokenizer, original.data, rec, args)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .compress.prune import SparsityCallback, merge_lora, prunable_layers, sparsity_report
 from .compress.quantize import QMAP_FILE, freeze_base, load_quantized, quantization_summary, save_quantized, thaw_quantized
-from .teacher import is_peft, num_layers, output_vocab_size, unwrap
+from .teacher import from_pretrained, is_peft, num_layers, output_vocab_size, unwrap
 
 QUANTIZED_BASE = "quantized_base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,9 +60,10 @@ def model_folder(name_or_path: str, what: str = "model") -> Path:
         ) from None
 
 
-def load_model(name_or_path: str) -> nn.Module:
+def load_model(name_or_path: str, use_kernels: bool = False) -> nn.Module:
     """A causal LM saved by hf-sdft, transformers or quanto, or a PEFT adapter folder on its
-    base, as saved (quantized layers frozen to integer weights, adapters trainable)."""
+    base, as saved (quantized layers frozen to integer weights, adapters trainable). Hub kernels
+    stay off unless ``use_kernels`` (see :func:`~hf_sdft.teacher.from_pretrained`)."""
     folder = model_folder(name_or_path)
     if (folder / ADAPTER_CONFIG).exists():
         from peft import PeftModel
@@ -73,13 +74,11 @@ def load_model(name_or_path: str) -> nn.Module:
             base_name = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
             if not base_name:
                 raise ValueError(f"{folder / ADAPTER_CONFIG} names no base_model_name_or_path: cannot load its base")
-            base = load_model(base_name)
+            base = load_model(base_name, use_kernels)
         return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     if (folder / QMAP_FILE).exists():
         return load_quantized(folder)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return from_pretrained(folder, dtype=torch.float32, use_kernels=use_kernels)
 
 
 def nm_pattern(weight: torch.Tensor) -> str | None:
@@ -128,13 +127,13 @@ def check_compatible(student: nn.Module, teacher: nn.Module, student_folder: Pat
             )
 
 
-def own_student(rec, teacher: nn.Module, tokenizer, use_peft: bool) -> Student:
+def own_student(rec, teacher: nn.Module, tokenizer, use_peft: bool, use_kernels: bool = False) -> Student:
     """Your student from ``rec.student_name_or_path``, checked against the teacher and described:
     quantization (full training thaws the integer weights for quantization-aware training; with
     ``use_peft`` they stay frozen under new adapters), sparsity (masks kept unless
     ``rec.keep_sparsity`` is false) and adapters (trained as adapters on their base)."""
     folder = model_folder(rec.student_name_or_path, "student_name_or_path")
-    model = load_model(str(folder))
+    model = load_model(str(folder), use_kernels)
     check_compatible(model, teacher, folder, tokenizer)
     described: dict = {"kind": "own", "student": rec.student_name_or_path}
     tags = []

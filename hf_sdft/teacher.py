@@ -136,10 +136,19 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
 
 
-def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto") -> nn.Module:
+def from_pretrained(name_or_path, *, use_kernels: bool = False, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with transformers' Hub kernels off unless
+    ``use_kernels``. transformers (with the ``kernels`` package) otherwise kernelizes every model
+    it loads, fetching ``kernels-community/*`` layers from the Hub on load and on ``model.train()``,
+    which fails offline (HF_HUB_OFFLINE=1) when they are not cached. Every model hf-sdft loads
+    by name goes through here."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, use_kernels=use_kernels, **kwargs)
+
+
+def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto", use_kernels: bool = False) -> nn.Module:
+    return from_pretrained(name_or_path, dtype=dtype, use_kernels=use_kernels)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -60,7 +60,10 @@ class SDFTMixin:
         if teacher_model is None and getattr(args, "teacher_model_name_or_path", None):
             teacher_model = args.teacher_model_name_or_path
         if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model)
+            teacher_model = load_teacher(teacher_model, use_kernels=getattr(args, "use_kernels", False))
+        if isinstance(model, str) and hasattr(args, "model_init_kwargs"):  # SFTTrainer loads it: Hub kernels as set
+            args = copy.copy(args)
+            args.model_init_kwargs = {"use_kernels": getattr(args, "use_kernels", False), **(args.model_init_kwargs or {})}
         if teacher_model is not None and isinstance(model, nn.Module):
             check_teacher(model, teacher_model)  # fail before any dataset preparation
         self.teacher_cache = cache_metadata(kwargs.get("train_dataset")) if teacher_model is None else None

@@ -3,6 +3,7 @@
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -418,3 +419,28 @@ def test_trainer_fused_heads_run_in_the_mixed_precision_dtype(tmp_path, tokenize
         trainer.training_step(trainer.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
                               num_items_in_batch=torch.tensor(30))
     assert seen.dtypes == {(torch.bfloat16 if bf16 else torch.float32,) * 2}, seen.dtypes
+
+
+def test_fp16_grad_scaler_trains_with_the_fused_loss(tmp_path, tokenizer, texts):
+    """``fp16=True`` (T4 / V100): the student's forward under float16 autocast, the loss through a
+    GradScaler, and the fused loss. accelerate accepts fp16 on CPU but leaves it off there (no
+    autocast, no scaler: float32 training); torch runs both on CPU, so the test sets the two
+    attributes accelerate sets on CUDA (``native_amp``, ``scaler``) before training."""
+    teacher = make_model()
+    student = perturb(copy.deepcopy(teacher))
+    before = copy.deepcopy(student.state_dict())
+    trainer = sdft_trainer(tmp_path, student, teacher, tokenizer, texts, max_steps=8, learning_rate=1e-2, fp16=True)
+    acc = trainer.accelerator
+    assert acc.mixed_precision == "fp16" and not acc.native_amp and acc.scaler is None  # accelerate on CPU
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
+    seen = {"proj": set(), "head": set()}
+    student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen["proj"].add(o.dtype))
+    student.lm_head.register_forward_hook(lambda m, i, o: seen["head"].add((o.dtype, o.shape[-2])))
+    trainer.train()
+    assert trainer.fused_heads is not None
+    assert seen["proj"] == {torch.float16}  # autocast was on in the student's forward
+    assert seen["head"] == {(torch.float16, 0)}  # the fused path: the head saw no positions, no logits
+    assert acc.scaler._scale is not None and 0 < acc.scaler.get_scale() < float("inf")  # the scaler scaled the loss
+    kd = logged(trainer, "kd_loss")
+    assert all(math.isfinite(v) for v in kd + logged(trainer, "loss")) and kd[-1] < kd[0]
+    assert any(not torch.equal(p, before[n]) for n, p in student.state_dict().items())

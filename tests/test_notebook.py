@@ -26,5 +26,6 @@ def test_quickstart_notebook_runs(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs)
     assert "recovered perplexity" in text and f"model card: {out / 'README.md'}" in text
+    assert "| precision: float32" in text  # CPU (a GPU: bf16, or fp16 without native bf16)
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # per-layer CKA and its history
     assert (out / "README.md").exists() and (out / "cka_per_layer.png").exists()

@@ -159,8 +159,37 @@ def test_interrupted_quanto_run_resumes_quantized(tiny, tmp_path):
 def test_recipes_parse(recipe):
     rec, args, model_args = _recipe_parser().parse_args_and_config(["--config", str(recipe)])
     assert rec.degradation in ("quanto", "prune", "forgetting")
-    assert args.output_dir == f"outputs/{recipe.stem}" and not args.bf16
+    assert args.output_dir == f"outputs/{recipe.stem}" and not args.bf16 and not args.fp16  # CPU: float32
     assert rec.build_degradation() is not None or rec.degradation == "forgetting"
+
+
+@pytest.mark.parametrize("gpu, flags, expected, says", [
+    ("bf16", [], (True, False), None),  # e.g. A100: the recipe's bf16
+    ("no-bf16", [], (False, True), "training in fp16"),  # T4, V100: fp16 instead of the recipe's bf16
+    ("no-bf16", ["--fp16", "false"], (False, False), "training in float32"),  # an explicit choice is kept
+    ("no-bf16", ["--fp16", "true"], (False, True), None),
+    ("no-bf16", ["--bf16", "false"], (False, False), None),
+    (None, [], (False, False), "training in float32"),  # CPU
+])
+def test_recipe_precision_follows_the_gpu(monkeypatch, gpu, flags, expected, says):
+    """The recipes' bf16 where the GPU has it, else fp16 on CUDA (T4, V100), else float32; what
+    CUDA reports is simulated here (a CPU machine)."""
+    from accelerate.state import AcceleratorState
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sdft.config import logger
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    # a T4 / V100 reports bf16 unless emulation is excluded, as torch does there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu == "bf16" or including_emulation)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # TrainingArguments picks cuda:0
+    try:
+        with CaptureLogger(logger) as log:
+            _, args, _ = _recipe_parser().parse_args_and_config(["--config", "recipes/quanto-int4.yaml", *flags])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # no simulated CUDA state left for later tests
+    assert (args.bf16, args.fp16) == expected
+    assert (says in log.out) if says else "bf16 was asked for" not in log.out
 
 
 def test_recipe_names_all_required_kinds():
