@@ -187,3 +187,18 @@ def test_quanto_written_checkpoints_still_load(no_compiled_kernels, tmp_path, we
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         assert torch.equal(load_quantized(tmp_path / "old")(input_ids=ids).logits, expected)
+
+
+def test_pruned_then_quantized_student_keeps_its_zeros(tmp_path):
+    from hf_sdft.compress.prune import SparsityCallback, prune
+
+    teacher = make_model()
+    student = copy.deepcopy(teacher)
+    masks = prune(student, sparsity=0.5, pattern="2:4")
+    quantize_student(student, "int4", group_size=16)
+    trainer = sdft_trainer(tmp_path, student, teacher, make_tokenizer(), make_texts(24), [SparsityCallback(masks)],
+                           max_steps=3, learning_rate=1e-2)
+    trainer.train()
+    modules = dict(student.named_modules())
+    assert all(isinstance(modules[name], FakeQuantLinear) for name in masks)
+    assert all((modules[name].weight[~mask] == 0).all() for name, mask in masks.items())
