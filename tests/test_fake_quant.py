@@ -106,6 +106,15 @@ def test_autocast_and_errors():
         FakeQuantLinear(64, 16, bits=3)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pure_unpack_is_quantos_default_kernel(bits):
+    from hf_sdft.compress.quantize import _pure_unpack
+
+    packed = torch.randint(0, 256, (7, 5), dtype=torch.uint8)
+    default = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)  # quanto's pure kernel
+    assert torch.equal(_pure_unpack(packed, bits), torch.ops.quanto.unpack.default.redispatch(default, packed, bits))
+
+
 @pytest.fixture
 def no_compiled_kernels(monkeypatch):
     """Any JIT build or compiled quanto extension raises."""

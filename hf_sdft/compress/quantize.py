@@ -54,9 +54,10 @@ _pure_unpack_installed = False
 
 
 def _pure_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """quanto's own pure-PyTorch ``unpack`` (its "default" kernel), reached past the compiled ones."""
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    return torch.ops.quanto.unpack.default.redispatch(keys, packed, bits)
+    """quanto's int4 / int2 unpacking in plain PyTorch (what its "default" kernel computes): the
+    ``8 // bits`` values of each byte, lowest bits first, stacked along the first dimension."""
+    mask = 2**bits - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)]).to(torch.uint8)
 
 
 def use_pure_kernels() -> None:
