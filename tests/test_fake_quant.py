@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from optimum.quanto import MaxOptimizer, AbsmaxOptimizer, freeze, qint2, qint4, qint8, quantization_map, quantize
+from optimum.quanto import AbsmaxOptimizer, MaxOptimizer, freeze, qint2, qint4, qint8, quantization_map, quantize
 from optimum.quanto.library.extensions import extension
 from optimum.quanto.library.extensions.extension import Extension, get_extension
 from optimum.quanto.tensor.weights import quantize_weight as quanto_quantize_weight
@@ -21,7 +21,7 @@ from hf_sdft.compress.quantize import (
 )
 
 from .helpers import make_model, make_texts, make_tokenizer
-from .test_trainer import lm_dataset, sdft_trainer
+from .test_trainer import sdft_trainer
 
 QTYPES = {8: qint8, 4: qint4, 2: qint2}
 SECOND_MODEL = "tests/assets/second_model/model"
