@@ -3,7 +3,7 @@ through TRL's :class:`~trl.generation.vllm_generation.VLLMGeneration` in its col
 
 TRL would hand vLLM the student's parameters as they are: for a quanto student those are the float
 shadow weights, so vLLM would sample from the *undegraded* model. What this module adds is the
-weights the student computes with (:func:`computed_weights`: quanto layers dequantized, LoRA deltas
+weights the student computes with (:func:`computed_weights`: quantized layers' grid values, LoRA deltas
 added, pruned zeros as they stand), synced before the first sample of every optimizer step, and a
 plain checkpoint for colocated vLLM to start from when the student's own is a quanto one.
 

@@ -1,4 +1,5 @@
-"""Real optimum-quanto students: QAT gradients, degradation, save/load round trip, LoRA base."""
+"""Quantized students: QAT gradients (our fake quantization), degradation, save/load round trip in
+optimum-quanto's format, LoRA base."""
 
 import copy
 
@@ -7,6 +8,7 @@ import torch
 from optimum.quanto import QModuleMixin
 
 from hf_sdft.compress import get_degradation
+from hf_sdft.compress.fake_quant import FakeQuantLinear
 from hf_sdft.compress.quantize import freeze_base, load_quantized, quantize_student, save_quantized
 
 from .helpers import make_model, make_texts, make_tokenizer
@@ -29,8 +31,8 @@ def test_quantize_qat_and_round_trip(tmp_path, bits, levels):
     teacher = make_model()
     student = quantize_student(copy.deepcopy(teacher), weights=bits)
     b = batch()
-    assert isinstance(student.model.layers[0].mlp.up_proj, QModuleMixin)
-    assert not isinstance(student.lm_head, QModuleMixin)  # excluded by default
+    assert isinstance(student.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    assert type(student.lm_head) is torch.nn.Linear  # excluded by default
     # QAT: float weights stay trainable and get straight-through gradients
     loss = student(**b, labels=b["input_ids"]).loss
     loss.backward()
@@ -40,6 +42,7 @@ def test_quantize_qat_and_round_trip(tmp_path, bits, levels):
         ref, out = teacher(**b).logits, student(**b).logits
     assert not torch.allclose(ref, out)  # it really is degraded
     save_quantized(student, tmp_path)
+    assert isinstance(student.model.layers[0].mlp.up_proj, QModuleMixin)  # frozen to quanto's integer weights
     assert int_levels(student, "model.layers.0.mlp.up_proj") <= levels
     reloaded = load_quantized(tmp_path)
     with torch.no_grad():
@@ -55,7 +58,7 @@ def test_group_size_changes_the_degradation(tmp_path):
         s = quantize_student(copy.deepcopy(teacher), weights="int4", group_size=gs)
         with torch.no_grad():
             errs[gs] = (s(**b).logits - teacher(**b).logits).abs().mean().item()
-        assert s.model.layers[0].mlp.up_proj.weight_group_size == gs
+        assert s.model.layers[0].mlp.up_proj.group_size == gs
     assert errs[None] > errs[16]  # one scale per channel is coarser than groups of 16
     s = quantize_student(copy.deepcopy(teacher), weights="int2", group_size=16)
     save_quantized(s, tmp_path)

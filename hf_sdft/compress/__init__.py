@@ -1,5 +1,6 @@
-"""Degradations behind one small registry: ``quanto`` (optimum-quanto quantization, in
-:mod:`.quantize`) and ``prune`` (unstructured / N:M pruning with kept masks, in :mod:`.prune`)."""
+"""Degradations behind one small registry: ``quanto`` (quantization-aware training on
+optimum-quanto's grid, in :mod:`.quantize` and :mod:`.fake_quant`) and ``prune`` (unstructured /
+N:M pruning with kept masks, in :mod:`.prune`)."""
 
 from . import prune, quantize  # noqa: F401  (import registers the degradations)
 from .base import DEGRADATIONS, Degradation, get_degradation, register_degradation

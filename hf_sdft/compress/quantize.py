@@ -1,28 +1,44 @@
-"""Quantized students with optimum-quanto. Every quanto call of the project lives here
-(quanto is in maintenance mode upstream: one small module to replace if it goes).
+"""Quantized students. Every optimum-quanto call of the project lives here (quanto is in
+maintenance mode upstream: one small module to replace if it goes); quanto's format is the saved
+one (``model.safetensors`` with its integer weights, ``quanto_qmap.json``, the group sizes).
 
-The student is quantized but left *unfrozen*: quanto re-quantizes the float weights at
-every forward and gradients pass straight through, so recovery training is
-quantization-aware. :func:`save_quantized` freezes and writes the integer weights.
+Training never runs a compiled quanto kernel nor builds one (quanto JIT-compiles its C++/CUDA
+extension, minutes with nvcc, at the first unpacking of int4/int2 weights):
+
+- :func:`quantize_student` and :func:`thaw_quantized` give the student
+  :class:`~hf_sdft.compress.fake_quant.FakeQuantLinear` layers: plain-PyTorch straight-through fake
+  quantization on quanto's grid, so the checkpoint :func:`save_quantized` writes computes exactly
+  what was trained. The one exception is activation quantization (int8 / fp8 activations, a rare
+  option): those layers stay quanto's own ``QLinear``, which re-quantizes at every forward.
+- Frozen layers (:func:`freeze_base`, the memory-light LoRA base, and models from
+  :func:`load_quantized`) are quanto's, with its pure-PyTorch ``quanto::unpack`` registered over
+  the compiled CPU/CUDA ones (:func:`use_pure_kernels`). Caveat: quanto picks its AWQ (compiled)
+  layout for float16 int4 weights in groups of 128 on CUDA; hf-sdft's students are float32.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from optimum.quanto import Calibration, QModuleMixin, freeze, qfloat8, qint2, qint4, qint8, quantization_map, quantize
+from optimum.quanto.nn import QLinear
+from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import Degradation, register_degradation
+from .fake_quant import FakeQuantLinear
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
 ACTIVATION_TYPES = {"int8": qint8, "fp8": qfloat8}
 QMAP_FILE = "quanto_qmap.json"
 GROUPS_FILE = "quanto_group_sizes.json"
 WEIGHTS_FILE = "model.safetensors"
+QTYPE_BITS = {qint8.name: 8, qint4.name: 4, qint2.name: 2}
 
 
 def _check_types(weights: str, activations: str | None) -> None:
@@ -34,8 +50,47 @@ def _check_types(weights: str, activations: str | None) -> None:
         )
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QModuleMixin]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QModuleMixin)}
+_pure_unpack_installed = False
+
+
+def _pure_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's int4 / int2 unpacking in plain PyTorch (what its "default" kernel computes): the
+    ``8 // bits`` values of each byte, lowest bits first, stacked along the first dimension."""
+    mask = 2**bits - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)]).to(torch.uint8)
+
+
+def use_pure_kernels() -> None:
+    """Route ``quanto::unpack`` on CPU and CUDA to quanto's pure-PyTorch kernel instead of its
+    compiled extension (which would be JIT-built). Idempotent."""
+    global _pure_unpack_installed, _override_lib
+    if _pure_unpack_installed:
+        return
+    try:
+        _override_lib = torch.library.Library("quanto", "IMPL")  # kept alive: its kernels live as long as it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            for key in ("CPU", "CUDA"):
+                _override_lib.impl("unpack", _pure_unpack, key)
+    except RuntimeError:  # a torch that refuses overrides: answer from the extensions' cached library
+        from types import SimpleNamespace
+
+        from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+        for name in ("quanto_cpp", "quanto_cuda"):
+            if is_extension_available(name):
+                get_extension(name)._lib = SimpleNamespace(unpack=_pure_unpack)
+    _pure_unpack_installed = True
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized layers: :class:`FakeQuantLinear` (training) and quanto's (frozen, or with quantized activations)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (FakeQuantLinear, QModuleMixin))}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def quantize_student(
@@ -46,7 +101,9 @@ def quantize_student(
     group_size: int | None | str = "auto",
     calibration: list[dict] | None = None,
 ) -> nn.Module:
-    """Quantize ``model``'s linear layers in place for quantization-aware training.
+    """Quantize ``model``'s linear layers in place for quantization-aware training: each becomes a
+    :class:`FakeQuantLinear` holding the same float parameters (quanto ``QLinear`` layers when
+    ``activations`` is set).
 
     Args:
         weights: ``int8`` | ``int4`` | ``int2``.
@@ -61,32 +118,76 @@ def quantize_student(
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize")
     if activations is not None and not calibration:
         raise ValueError("activation quantization needs calibration batches to set the activation scales")
-    quantize(model, weights=WEIGHT_TYPES[weights], activations=ACTIVATION_TYPES.get(activations), exclude=list(exclude))
-    modules = quantized_modules(model)
-    if not modules:
+    bits = QTYPE_BITS[WEIGHT_TYPES[weights].name]
+    chosen = {name: m for name, m in model.named_modules()
+              if type(m) is nn.Linear and not any(fnmatch(name, pattern) for pattern in exclude)}
+    if not chosen:
         raise ValueError(f"no linear layer left to quantize after exclude={list(exclude)}")
-    if group_size != "auto" and weights != "int8":
-        for name, m in modules.items():
-            if group_size is not None and m.in_features % group_size:
-                raise ValueError(f"group_size={group_size} does not divide {name}'s input dim {m.in_features}")
-            m.weight_group_size = group_size
-    if activations is not None:
-        with torch.no_grad(), Calibration(streamline=False):  # streamlining is not recorded in the quantization map
-            for batch in calibration:
-                model(**batch)
+    sizes = {}
+    for name, m in chosen.items():
+        size = group_size if bits != 8 else None
+        if size is not None and size != "auto" and m.in_features % size:
+            raise ValueError(f"group_size={size} does not divide {name}'s input dim {m.in_features}")
+        sizes[name] = FakeQuantLinear.from_linear(m, bits, size, name)
+    if activations is None:
+        for name, layer in sizes.items():
+            _set_module(model, name, layer)
+        return model
+    use_pure_kernels()
+    quantize(model, weights=WEIGHT_TYPES[weights], activations=ACTIVATION_TYPES[activations],
+             include=list(chosen))
+    for name, layer in sizes.items():
+        model.get_submodule(name).weight_group_size = layer.group_size
+    with torch.no_grad(), Calibration(streamline=False):  # streamlining is not recorded in the quantization map
+        for batch in calibration:
+            model(**batch)
     return model
 
 
+def _group_size(module: nn.Module) -> int | None:
+    return module.group_size if isinstance(module, FakeQuantLinear) else module.weight_group_size
+
+
 def _group_sizes(model: nn.Module) -> dict[str, int | None]:
-    return {name: m.weight_group_size for name, m in quantized_modules(model).items()}
+    return {name: _group_size(m) for name, m in quantized_modules(model).items()}
+
+
+def _frozen_quanto(layer: FakeQuantLinear) -> QLinear:
+    """A frozen quanto ``QLinear`` holding ``layer``'s integer weights (the same values) and bias."""
+    qtype = {8: qint8, 4: qint4, 2: qint2}[layer.bits]
+    weight = layer.weight
+    frozen = QLinear.qcreate(layer, qtype, device="meta").to_empty(device=weight.device)
+    frozen.input_scale = torch.ones((), dtype=weight.dtype, device=weight.device)
+    frozen.output_scale = torch.ones((), dtype=weight.dtype, device=weight.device)
+    frozen.weight_group_size = layer.group_size
+    codes, scale, shift = layer.quantized()
+    if layer.bits == 8:
+        qweight = WeightQBytesTensor(qtype, 0, weight.size(), weight.stride(), codes.to(torch.int8), scale, None)
+    else:
+        qweight = WeightQBitsTensor(qtype, 0, layer.group_size, weight.size(), weight.stride(),
+                                    codes.to(torch.uint8), scale, shift)
+    frozen.weight = nn.Parameter(qweight, requires_grad=False)
+    frozen.bias = layer.bias
+    return frozen
+
+
+def to_quanto(model: nn.Module) -> nn.Module:
+    """Freeze every quantized layer in place to quanto's integer weights (the values it computes
+    with now): :class:`FakeQuantLinear` becomes a frozen quanto ``QLinear``."""
+    use_pure_kernels()
+    for name, m in list(quantized_modules(model).items()):
+        if isinstance(m, FakeQuantLinear):
+            _set_module(model, name, _frozen_quanto(m))
+    freeze(model)
+    return model
 
 
 def save_quantized(model: nn.Module, output_dir: str | Path) -> None:
-    """Freeze ``model`` (integer weights) and write config, safetensors, the quantization map
-    and the group sizes."""
+    """Freeze ``model`` in place to quanto's integer weights (:func:`to_quanto`) and write config,
+    safetensors, the quantization map and the group sizes."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    freeze(model)
+    to_quanto(model)
     seen: dict[int, str] = {}
     state = {}
     for key, tensor in model.state_dict().items():
@@ -104,8 +205,8 @@ def save_quantized(model: nn.Module, output_dir: str | Path) -> None:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (same logits) from a folder or Hub id.
 
-    The model is built on CPU from its config, not on the meta device: meta builds leave
-    rotary buffers uninitialised.
+    Its quantized layers are quanto's, frozen, running pure-PyTorch kernels only. The model is built
+    on CPU from its config, not on the meta device: meta builds leave rotary buffers uninitialised.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -117,6 +218,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfold
     missing = [f for f in (WEIGHTS_FILE, QMAP_FILE, "config.json") if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a quanto checkpoint saved by save_quantized: missing {missing}")
+    use_pure_kernels()
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     qmap = json.loads((path / QMAP_FILE).read_text())
     groups = json.loads((path / GROUPS_FILE).read_text()) if (path / GROUPS_FILE).exists() else {}
@@ -137,43 +239,62 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfold
 
 def freeze_base(model: nn.Module) -> nn.Module:
     """Freeze quantized layers to integer weights (the memory-light base for LoRA adapters)."""
-    freeze(model)
-    return model
+    return to_quanto(model)
 
 
 def thaw_quantized(model: nn.Module) -> nn.Module:
-    """Turn frozen integer weights (e.g. from :func:`load_quantized`) back into float parameters
-    holding their dequantized values: the layers quantize them again at every forward, so
-    training is quantization-aware and the logits are those of the frozen model."""
-    for m in quantized_modules(model).values():
-        if not isinstance(m.weight, torch.nn.Parameter) or type(m.weight.data) is not torch.Tensor:
-            m.weight = nn.Parameter(m.weight.dequantize().contiguous())
+    """Turn frozen integer weights (e.g. from :func:`load_quantized`) back into trainable float
+    weights holding their dequantized values, in :class:`FakeQuantLinear` layers that fake-quantize
+    them again at every forward (quanto layers with quantized activations keep quanto's own
+    re-quantization). Quantization-aware training starts from the frozen model's grid: re-rounding
+    its values lands on them again, up to float rounding of the recomputed scales."""
+    use_pure_kernels()
+    for name, m in list(quantized_modules(model).items()):
+        if isinstance(m, FakeQuantLinear) or m.weight_qtype is None:
+            continue
+        if m.activation_qtype is not None:
+            if m.frozen:
+                m.weight = nn.Parameter(m.weight.dequantize().contiguous())
+            continue
+        weight = m.weight.dequantize() if m.frozen else m.weight.detach()
+        layer = FakeQuantLinear.from_linear(m, QTYPE_BITS[m.weight_qtype.name], m.weight_group_size, name)
+        layer.weight = nn.Parameter(weight.contiguous())
+        _set_module(model, name, layer)
     return model
 
 
 def computed_weight(module: nn.Module) -> torch.Tensor | None:
-    """The float weight a quanto layer computes with (its quantized weight, dequantized), or
-    ``None`` for a layer that quanto does not quantize. Raises for quantized activations, which
-    no float weight reproduces."""
+    """The float weight a quantized layer computes with (its quantized weight, dequantized), or
+    ``None`` for a layer that is not quantized. Raises for quantized activations, which no float
+    weight reproduces."""
+    if isinstance(module, FakeQuantLinear):
+        return module.quantized_weight()
     if not isinstance(module, QModuleMixin) or module.weight_qtype is None:
         return None
     if module.activation_qtype is not None:
         raise ValueError("this layer quantizes its activations, which no float weight reproduces: sample with "
                          "model.generate (use_vllm false) or quantize the weights only")
+    use_pure_kernels()
     return module.qweight.dequantize()
 
 
 def quantization_summary(model: nn.Module) -> dict:
-    """``{"weights": ["int4"], "activations": [...], "layers": n}`` of a model's quanto layers
+    """``{"weights": ["int4"], "activations": [...], "layers": n}`` of a model's quantized layers
     (``{}`` when it has none)."""
     modules = quantized_modules(model)
     if not modules:
         return {}
     names = {qtype.name: key for key, qtype in {**WEIGHT_TYPES, **ACTIVATION_TYPES}.items()}
-    weights = sorted({names.get(m.weight_qtype.name, m.weight_qtype.name) for m in modules.values() if m.weight_qtype})
-    acts = sorted({names.get(m.activation_qtype.name, m.activation_qtype.name)
-                   for m in modules.values() if m.activation_qtype is not None})
-    return {"weights": weights, "activations": acts, "layers": len(modules)}
+    weights, acts = set(), set()
+    for m in modules.values():
+        if isinstance(m, FakeQuantLinear):
+            weights.add(f"int{m.bits}")
+            continue
+        if m.weight_qtype is not None:
+            weights.add(names.get(m.weight_qtype.name, m.weight_qtype.name))
+        if m.activation_qtype is not None:
+            acts.add(names.get(m.activation_qtype.name, m.activation_qtype.name))
+    return {"weights": sorted(weights), "activations": sorted(acts), "layers": len(modules)}
 
 
 @register_degradation
