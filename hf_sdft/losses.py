@@ -220,20 +220,24 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 _FP32_ACCUMULATING_MM: dict[torch.device, bool] = {}  # device → addmm(..., out_dtype=float32) works there
+_ACCUMULATE_BLOCKS = 8  # row blocks of the fallback's product: its temporary is 1/8 of the (V, H) gradient
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` for a float32 ``acc``: on CUDA with half-precision ``a`` and ``b``, one GEMM
-    that accumulates into ``acc`` (no (V, H) temporary); elsewhere a matmul and an in-place add."""
-    if acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        if _FP32_ACCUMULATING_MM.get(acc.device, True):
-            try:
-                torch.addmm(acc, a, b, torch.float32, out=acc)
-                _FP32_ACCUMULATING_MM[acc.device] = True
-                return
-            except (RuntimeError, TypeError):  # an older torch without the out_dtype overload
-                _FP32_ACCUMULATING_MM[acc.device] = False
-    acc.add_(a @ b)
+    that accumulates into ``acc`` in float32 (no temporary); elsewhere, or where torch lacks that
+    GEMM, block by block, so that no (V, H)-sized product ever exists beside ``acc``."""
+    if acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda \
+            and _FP32_ACCUMULATING_MM.get(acc.device, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _FP32_ACCUMULATING_MM[acc.device] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without this overload
+            _FP32_ACCUMULATING_MM[acc.device] = False
+    step = -(-acc.shape[0] // _ACCUMULATE_BLOCKS)
+    for start in range(0, acc.shape[0], step):
+        acc[start:start + step].add_(a[start:start + step] @ b)
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

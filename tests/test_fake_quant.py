@@ -211,3 +211,24 @@ def test_pruned_then_quantized_student_keeps_its_zeros(tmp_path):
     modules = dict(student.named_modules())
     assert all(isinstance(modules[name], FakeQuantLinear) for name in masks)
     assert all((modules[name].weight[~mask] == 0).all() for name, mask in masks.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", ["int4", "int2"])
+def test_cuda_qat_step_save_and_reload_without_compiled_kernels(no_compiled_kernels, tmp_path, bits):
+    """On a GPU: QAT steps, the frozen save and the reload on CUDA never build or load quanto's
+    CUDA extension; the reloaded logits are the trained student's (bias-free layers: exact)."""
+    teacher = make_model()
+    student = quantize_student(copy.deepcopy(teacher), bits, group_size=16).cuda().train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    ids = torch.randint(3, 30, (3, 20), device="cuda")
+    for _ in range(2):
+        student(input_ids=ids, labels=ids).loss.backward()
+        opt.step(), opt.zero_grad()
+    student.eval()
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+    save_quantized(student, tmp_path / "q")
+    with torch.no_grad():
+        reloaded = load_quantized(tmp_path / "q", device="cuda")(input_ids=ids).logits
+    assert (reloaded - trained).abs().max().item() == 0.0
