@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 
-BUDGET_S = {"loss": 75, "steps": 170, "job-default": 90, "job-int2": 90}  # GPU time boxes: 425 s in all
+BUDGET_S = {"loss": 75, "steps": 170, "job-default": 75, "job-int2": 75}  # GPU time boxes: 395 s in all
 SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "job-default": 120, "job-int2": 120}
 SHAPES = [(1024, 151_936), (4096, 128_256)]  # (hidden, vocabulary): Qwen3-0.6B's head, Llama-3-8B's head
 SMALL_MODEL = ["--block_size", "128", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
@@ -279,11 +279,13 @@ def part_job(a, save: Saver, recipe: str | None) -> None:
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    stats_file = out / "sdft_stats.json"
+    if not stats_file.exists():
         save["job"] = {"error": proc.stderr[-1500:], "wall_s": wall}
         return
-    stats = json.loads((out / "sdft_stats.json").read_text())
-    save["job"] = {"wall_s": wall, "R": stats["recovery_ratio"], "ppl": stats["perplexity"],
+    stats = json.loads(stats_file.read_text())
+    save["job"] = {"wall_s": wall, "exit": proc.returncode, **({"error": proc.stderr[-1500:]} if proc.returncode else {}),
+                   "R": stats["recovery_ratio"], "ppl": stats["perplexity"],
                    "degradation": stats["degradation"], "train_s": stats["recovery"]["train_seconds"],
                    "command": "hf-sdft recover " + " ".join(argv[5:])}
 
@@ -380,13 +382,14 @@ def report(results: dict) -> str:
               "|---|---:|---:|---|---|"]
     for part, label in (("job-default", "`hf-sdft recover` (defaults)"), ("job-int2", "quanto-int2 recipe, small-model flags")):
         row = parts.get(part, {}).get("rows", {}).get("job")
-        if not row or "error" in row:
-            why = status(part) or (row or {}).get("error", "not run")[-200:].replace("\n", " ")
-            lines.append(f"| {label} | not measured | | | {why} |")
+        error = (row or {}).get("error", "not run")[-200:].replace("\n", " ")
+        if not row or "R" not in row:
+            lines.append(f"| {label} | not measured | | | {status(part) or error} |")
             continue
         ppl = row["ppl"]
         lines.append(f"| {label} | {row['wall_s']:.0f} | {fmt(row['R'])} | {ppl.get('teacher', 0):.2f} / "
-                     f"{ppl.get('degraded', 0):.2f} / {ppl.get('recovered', 0):.2f} | {status(part) or 'ok'} |")
+                     f"{ppl.get('degraded', 0):.2f} / {ppl.get('recovered', 0):.2f} | "
+                     f"{status(part) or (('failed after training: ' + error) if 'error' in row else 'ok')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,13 +4,16 @@ quanto-format checkpoints written by quanto itself still load."""
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from optimum.quanto import AbsmaxOptimizer, MaxOptimizer, freeze, qint2, qint4, qint8, quantization_map, quantize
 from optimum.quanto.library.extensions import extension
-from optimum.quanto.library.extensions.extension import Extension, get_extension
+from optimum.quanto.library.extensions.extension import Extension, get_extension, is_extension_available
 from optimum.quanto.tensor.weights import quantize_weight as quanto_quantize_weight
 from safetensors.torch import save_file
 
@@ -123,9 +126,15 @@ def no_compiled_kernels(monkeypatch):
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", refuse)
     monkeypatch.setattr(extension, "load", refuse)
-    monkeypatch.setattr(Extension, "lib", property(refuse))
+    monkeypatch.setattr(Extension, "lib", property(lambda ext: ext._lib if ext._lib is not None else refuse()))
     with pytest.raises(AssertionError, match="was built or loaded"):
-        get_extension("quanto_cpp").lib
+        extension.load(name="quanto_cpp", sources=[])
+    from hf_sdft.compress.quantize import _pure_unpack, use_pure_kernels
+
+    use_pure_kernels()  # what the project's quanto entry points call: no compiled library may be loaded
+    for name in ("quanto_cpp", "quanto_cuda"):
+        if is_extension_available(name):
+            assert get_extension(name)._lib.unpack is _pure_unpack, f"{name} holds a compiled library"
 
 
 def train(student, teacher, tmp_path, steps=3):
@@ -232,3 +241,30 @@ def test_cuda_qat_step_save_and_reload_without_compiled_kernels(no_compiled_kern
     with torch.no_grad():
         reloaded = load_quantized(tmp_path / "q", device="cuda")(input_ids=ids).logits
     assert (reloaded - trained).abs().max().item() == 0.0
+
+
+REFUSED_OVERRIDE = """
+import sys, torch
+from optimum.quanto.library.extensions import extension
+def refuse(*a, **k):
+    raise RuntimeError("not allowed: torch 2.11 refuses to override a Python-registered kernel")
+torch.library.Library.impl = refuse  # what an older torch does with our registration
+extension.load = torch.utils.cpp_extension.load = lambda *a, **k: sys.exit("quanto's extension was built")
+from hf_sdft.compress.quantize import load_quantized
+model = load_quantized(sys.argv[1])
+ids = torch.arange(3, 19)[None]
+torch.save(model(input_ids=ids).logits.detach(), sys.argv[2])
+"""
+
+
+def test_old_torch_refusing_the_kernel_override_still_builds_nothing(tmp_path):
+    """torch 2.11 (the H200 image) refuses our registration over quanto's: the preset library must then serve."""
+    model = make_model(hidden=64)
+    quantize(model, weights=qint4, exclude=["lm_head"])
+    freeze(model)
+    save_with_quanto(model, tmp_path / "old")
+    proc = subprocess.run([sys.executable, "-c", REFUSED_OVERRIDE, str(tmp_path / "old"), str(tmp_path / "logits.pt")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(input_ids=torch.arange(3, 19)[None]).logits)

@@ -19,6 +19,7 @@ extension, minutes with nvcc, at the first unpacking of int4/int2 weights):
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import warnings
 from fnmatch import fnmatch
 from pathlib import Path
@@ -62,24 +63,28 @@ def _pure_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def use_pure_kernels() -> None:
     """Route ``quanto::unpack`` on CPU and CUDA to quanto's pure-PyTorch kernel instead of its
-    compiled extension (which would be JIT-built). Idempotent."""
+    compiled extensions (which would be JIT-built). Idempotent.
+
+    Two ways, as torch versions differ: the kernel is registered over quanto's own for the CPU and
+    CUDA keys (torch 2.13 allows that; 2.11 refuses to override a Python registration), and each
+    extension's library is preset to the pure function, so that quanto's compiled-kernel wrappers,
+    where they still run, call it instead of loading (building) the extension."""
     global _pure_unpack_installed, _override_lib
     if _pure_unpack_installed:
         return
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
     try:
         _override_lib = torch.library.Library("quanto", "IMPL")  # kept alive: its kernels live as long as it
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
             for key in ("CPU", "CUDA"):
                 _override_lib.impl("unpack", _pure_unpack, key)
-    except RuntimeError:  # a torch that refuses overrides: answer from the extensions' cached library
-        from types import SimpleNamespace
-
-        from optimum.quanto.library.extensions import get_extension, is_extension_available
-
-        for name in ("quanto_cpp", "quanto_cuda"):
-            if is_extension_available(name):
-                get_extension(name)._lib = SimpleNamespace(unpack=_pure_unpack)
+    except RuntimeError:
+        pass
+    for name in ("quanto_cpp", "quanto_cuda"):
+        if is_extension_available(name) and get_extension(name)._lib is None:
+            get_extension(name)._lib = SimpleNamespace(unpack=_pure_unpack)
     _pure_unpack_installed = True
 
 
@@ -187,7 +192,8 @@ def save_quantized(model: nn.Module, output_dir: str | Path) -> None:
     safetensors, the quantization map and the group sizes."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    to_quanto(model)
+    device = next(model.parameters()).device
+    to_quanto(model.cpu())  # quanto's packing on the CPU: on CUDA it may reach for its compiled extension
     seen: dict[int, str] = {}
     state = {}
     for key, tensor in model.state_dict().items():
@@ -200,6 +206,7 @@ def save_quantized(model: nn.Module, output_dir: str | Path) -> None:
     model.config.save_pretrained(output_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(output_dir)
+    model.to(device)
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None) -> nn.Module:
