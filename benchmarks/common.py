@@ -30,3 +30,18 @@ def parse_and_load(doc: str, saved: Path, out: str, extra=(), **lists) -> tuple[
     p.add_argument("--report_only", action="store_true", help=f"rewrite the report from {saved.name}, run nothing")
     a = p.parse_args()
     return a, json.loads(saved.read_text()) if (a.update or a.report_only) and saved.exists() else {}
+
+
+def bare_loss(student, teacher, ids, kd: bool):
+    """The hand-written baseline's loss on a batch of token ids: forward KL(teacher ‖ student) on
+    full logits, or CE (the bare loops of speed.py and gpu.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = student(input_ids=ids).logits[:, :-1]
+    if not kd:
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    with torch.no_grad():
+        t = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
+    s = F.log_softmax(logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()

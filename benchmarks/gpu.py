@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT  # noqa: E402
+from common import RESULTS, ROOT, bare_loss  # noqa: E402
 
 BUDGET_S = {"loss": 75, "steps": 170, "job-default": 75, "job-int2": 75}  # GPU time boxes: 395 s in all
 SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "job-default": 120, "job-int2": 120}
@@ -227,14 +226,7 @@ def part_steps(a, save: Saver) -> None:
         for i in range(warmup + timed):
             x = ids[i * batch:(i + 1) * batch].to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=half):
-                logits = student(input_ids=x).logits[:, :-1]
-                if kd:
-                    with torch.no_grad():
-                        t = F.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
-                    s = F.log_softmax(logits.float(), -1)
-                    loss = (t.exp() * (t - s)).sum(-1).mean()
-                else:
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+                loss = bare_loss(student, teacher, x, kd)
             loss.backward()
             opt.step(), opt.zero_grad()
             sync()

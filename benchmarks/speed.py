@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from common import RESULTS, ROOT
+from common import RESULTS, ROOT, bare_loss
 
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
 from hf_sdft.config import RecoveryArguments, RecoveryConfig
@@ -100,14 +99,7 @@ def bare_step(teacher, train, steps, batch, kd: bool) -> float:
     ends = []
     for i in range(steps + 2):
         ids = torch.tensor(train[i * batch : (i + 1) * batch]["input_ids"])
-        out = student(input_ids=ids).logits[:, :-1]
-        if kd:
-            with torch.no_grad():
-                t = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
-            s = F.log_softmax(out.float(), -1)
-            loss = (t.exp() * (t - s)).sum(-1).mean()
-        else:
-            loss = F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = bare_loss(student, teacher, ids, kd)
         loss.backward()
         opt.step(), opt.zero_grad()
         ends.append(time.perf_counter())

@@ -162,8 +162,8 @@ def shard_teacher_fsdp2(teacher: nn.Module, accelerator) -> nn.Module:
     decoder layer (the plugin's ``transformer_cls_names_to_wrap``, else the teacher's
     ``_no_split_modules``) plus the root, on the accelerator's mesh with the plugin's offload policy.
     Every unit reshards after forward (the teacher has no backward that would reuse the gathered
-    weights), and the teacher computes in its own dtype (``teacher_dtype``), not the plugin's
-    mixed-precision dtype."""
+    weights), and its parameters stay in their own dtype (``teacher_dtype``): no FSDP
+    mixed-precision policy (the trainer autocasts its forward like the student's)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(teacher, FSDPModule):
