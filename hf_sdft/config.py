@@ -50,6 +50,16 @@ class SDFTArguments:
     )
     kd_loss: str = field(default="forward_kl", metadata={"help": f"One of {', '.join(LOSS_TYPES)}."})
     kd_beta: float = field(default=0.5, metadata={"help": "JSD mixture weight β in [0, 1]: 0 = forward KL, 1 = reverse KL."})
+    cakld_gamma: float | None = field(
+        default=None,
+        metadata={"help": "kd_loss cakld: γ in [0, 1], the weight of reverse KL (1 − γ: forward KL). Unset: BitDistiller's "
+                  "γ, the teacher's mean probability of the label tokens, estimated before training over "
+                  "cakld_calibration_batches training batches (logged as cakld_gamma)."},
+    )
+    cakld_calibration_batches: int = field(
+        default=20, metadata={"help": "kd_loss cakld without cakld_gamma: training batches (a seeded random sample) "
+                              "the teacher's γ is averaged over (BitDistiller's train.py uses 20)."}
+    )
     kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; the KD loss is scaled by T²."})
     kd_ratio: float = field(default=1.0, metadata={"help": "Weight of KD vs CE: (1 − kd_ratio)·CE + kd_ratio·KD."})
     cka_weight: float = field(default=0.0, metadata={"help": "Weight of the CKA regulariser 1 − mean CKA (0 = off)."})
@@ -145,6 +155,14 @@ class SDFTArguments:
             raise ValueError(f"kd_beta={self.kd_beta} must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
+        if self.cakld_gamma is not None and not 0.0 <= self.cakld_gamma <= 1.0:
+            raise ValueError(f"cakld_gamma={self.cakld_gamma} must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        if self.cakld_gamma is not None and self.kd_loss != "cakld":
+            raise ValueError(f"cakld_gamma={self.cakld_gamma} weighs CAKLD's two KLs but kd_loss={self.kd_loss!r}: set "
+                             "kd_loss cakld, or leave cakld_gamma unset")
+        if self.cakld_calibration_batches < 1:
+            raise ValueError(f"cakld_calibration_batches={self.cakld_calibration_batches} must be a positive number "
+                             "of batches")
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio={self.kd_ratio} must be in [0, 1] (1 = distillation only, 0 = plain CE)")
         if self.cka_weight < 0:

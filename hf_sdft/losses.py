@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "cakld")
+BLENDS = ("jsd", "cakld")  # losses with a weight β (CAKLD: γ) that is forward KL at 0 and reverse KL at 1
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; larger log-ratios carry mass < e^-80
 _FLOOR = torch.finfo(torch.float32).min  # log-probabilities are clamped here: log 0 = -inf would give NaN
 
@@ -36,6 +37,13 @@ def token_divergence(
     - ``forward_kl``: KL(p_T ‖ p_S); ``reverse_kl``: KL(p_S ‖ p_T);
     - ``jsd``: [β·KL(p_T‖M) + (1−β)·KL(p_S‖M)] / (β(1−β)) with M = β·p_T + (1−β)·p_S. It is
       continuous in β and equals forward KL at β = 0 and reverse KL at β = 1.
+    - ``cakld``: γ·KL(p_S‖p_T) + (1−γ)·KL(p_T‖p_S) with γ = ``beta``, the Confidence-Aware KL
+      divergence of BitDistiller (Du et al., ACL 2024, arXiv 2402.10631, §3.2): γ·reverse KL +
+      (1 − γ)·forward KL, where the paper sets γ to the teacher's mean probability of the
+      ground-truth tokens over the training data, E_(x,y)[1/|y| Σ_i p_T(y_i | x, y_<i)], computed
+      once before training (:func:`label_logprobs` and :func:`mean_label_probability` give its
+      terms; the trainers estimate it, or take ``cakld_gamma``). A constant γ, not a per-token
+      confidence: γ = 0 is forward KL and γ = 1 reverse KL exactly.
 
     p = softmax(logits / temperature). Not yet multiplied by temperature².
     """
@@ -47,10 +55,10 @@ def token_divergence(
 
 
 def _effective(loss_type: str, beta: float) -> str:
-    """JSD at β = 0 is forward KL and at β = 1 reverse KL (its limits)."""
-    if loss_type == "jsd" and beta <= 0.0:
+    """JSD and CAKLD at β = 0 are forward KL and at β = 1 reverse KL (JSD's limits, CAKLD's ends)."""
+    if loss_type in BLENDS and beta <= 0.0:
         return "forward_kl"
-    if loss_type == "jsd" and beta >= 1.0:
+    if loss_type in BLENDS and beta >= 1.0:
         return "reverse_kl"
     return loss_type
 
@@ -72,6 +80,8 @@ def logprob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str 
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     if loss_type == "reverse_kl":
         return (log_s.exp() * (log_s - log_t)).sum(-1)
+    if loss_type == "cakld":
+        return beta * (log_s.exp() * (log_s - log_t)).sum(-1) + (1.0 - beta) * (log_t.exp() * (log_t - log_s)).sum(-1)
     log_t_over_m, log_s_over_m = _log_ratios_to_mixture(log_s, log_t, beta)
     return (log_t.exp() * log_t_over_m).sum(-1) / (1.0 - beta) + (log_s.exp() * log_s_over_m).sum(-1) / beta
 
@@ -166,13 +176,63 @@ def token_cross_entropy(
     return _reduce(total, (labels != -100).sum(), num_items_in_batch)
 
 
+_LABEL_CHUNK = 256  # positions per chunk of label_logprobs: a chunk's float32 logits, not B·T×V of them
+
+
+def label_logprobs(
+    teacher_out: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    head_weight: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log p_T(label) at ``temperature`` per position ``(...)``, float32, from the teacher's logits
+    ``(..., V)``, or from the input of its linear head ``(..., H)`` when ``head_weight`` ``(V, H)``
+    is given (then no more than a chunk of logits exists). Positions labelled −100 get
+    −inf: they are skipped, never computed. CAKLD's γ is the mean of exp() of these
+    (:func:`mean_label_probability`)."""
+    flat = teacher_out.reshape(-1, teacher_out.shape[-1])
+    y = labels.reshape(-1).to(flat.device)
+    out = torch.full(y.shape, float("-inf"), dtype=torch.float32, device=flat.device)
+    rows = (y != -100).nonzero()[:, 0]
+    step = chunk_size or _LABEL_CHUNK
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        z = flat[idx] if head_weight is None else F.linear(flat[idx], head_weight, head_bias)
+        out[idx] = _log_probs(z, temperature).gather(1, y[idx, None])[:, 0]
+    return out.reshape(labels.shape)
+
+
+def cached_label_logprobs(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
+    """:func:`label_logprobs` from a teacher cache ``(..., k)``: a label outside the cached top-k
+    gets −inf (probability 0), so the γ estimated from it is a lower bound, exact when k = V."""
+    hit = teacher_topk_ids.long() == labels[..., None].long()
+    found = torch.where(hit, teacher_topk_logprobs.float(), float("-inf")).amax(-1)
+    return found.masked_fill(labels == -100, float("-inf"))
+
+
+def mean_label_probability(label_logprob: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sums of CAKLD's γ = E_(x,y)[1/|y| Σ_i p_T(y_i | x, y_<i)] (BitDistiller's
+    definition) over a batch of sequences ``(B, T)``: Σ over sequences of the mean teacher
+    probability of their labelled tokens, and the number of sequences with a label (float32
+    scalars). γ is the first sum ÷ the second, accumulated over the calibration batches."""
+    labelled = labels != -100
+    count = labelled.sum(-1)
+    per_sequence = torch.where(labelled, label_logprob.float().exp(), 0.0).sum(-1) / count.clamp(min=1)
+    return per_sequence.sum(), (count > 0).sum().float()
+
+
 def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence ``(n,)`` and its gradient ``(n, V)`` with respect to the student's
     tempered logits, from float32 log-probabilities ``(n, V)`` (formulas of :func:`token_divergence`).
 
     Every divergence has the gradient p_S ⊙ (a − ⟨a⟩_{p_S}) with a = ∂D/∂p_S: −p_T/p_S (forward KL,
-    which simplifies to p_S − p_T), log p_S − log p_T (reverse KL), log(p_S/M)/β (JSD). The KL
-    forms work in place, with at most three (n, V) buffers besides the inputs.
+    which simplifies to p_S − p_T), log p_S − log p_T (reverse KL), log(p_S/M)/β (JSD); CAKLD's is
+    γ·(reverse KL's) + (1 − γ)·(forward KL's). The KL forms work in place, with at most three
+    (n, V) buffers besides the inputs.
     """
     loss_type = _effective(loss_type, beta)
     if loss_type == "forward_kl":
@@ -184,6 +244,13 @@ def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type
         p_s = log_s.exp()
         div = (p_s * a).sum(-1)
         return div, a.sub_(div[:, None]).mul_(p_s)
+    if loss_type == "cakld":
+        a = log_s - log_t
+        p_s, p_t = log_s.exp(), log_t.exp()
+        reverse = torch.einsum("nv,nv->n", p_s, a)  # row dot products: no fourth (n, V) buffer
+        div = beta * reverse - (1.0 - beta) * torch.einsum("nv,nv->n", p_t, a)
+        grad = a.sub_(reverse[:, None]).mul_(p_s).mul_(beta)
+        return div, grad.add_(p_s.sub_(p_t), alpha=1.0 - beta)
     p_s, p_t = log_s.exp(), log_t.exp()
     log_t_over_m, log_s_over_m = _log_ratios_to_mixture(log_s, log_t, beta)
     div = (p_t * log_t_over_m).sum(-1) / (1.0 - beta) + (p_s * log_s_over_m).sum(-1) / beta
@@ -336,6 +403,8 @@ def _fused_chunks(hs, ws, bs, ht, wt, bt, kd_weight, labels, loss_type, beta, te
     if use_kernel:
         from . import kd_triton
 
+        reverse = _effective(loss_type, beta) == "reverse_kl"  # JSD / CAKLD at β = 1 too
+
         mix_weights = torch.stack([torch.as_tensor(weights[p], dtype=torch.float32, device=hs.device)
                                    if torch.is_tensor(weights[p]) else sums.new_full((), weights[p])
                                    for p in ("kd", "ce")])  # device scalars, read by the kernel: no host sync
@@ -346,7 +415,7 @@ def _fused_chunks(hs, ws, bs, ht, wt, bt, kd_weight, labels, loss_type, beta, te
         z_s = F.linear(h, ws, bs)
         z_t = F.linear(ht[rows], wt, bt).to(hs.device)
         if use_kernel:  # the mixed gradient is written over z_s
-            div, nll = kd_triton.kd_ce_chunk(z_s, z_t, y, w_kd, mix_weights, reverse=loss_type == "reverse_kl",
+            div, nll = kd_triton.kd_ce_chunk(z_s, z_t, y, w_kd, mix_weights, reverse=reverse,
                                              temperature=temperature)
             chunk_grads = {"mix": z_s} if grads else {}
         else:
@@ -388,7 +457,7 @@ def _use_kernel(kernel: str, device: torch.device, loss_type: str, beta: float, 
     if not kd_triton.available(device):
         why = f"needs triton and a CUDA device (got {device.type}{'' if kd_triton.triton else ', no triton'})"
     elif _effective(loss_type, beta) not in ("forward_kl", "reverse_kl"):
-        why = "covers forward and reverse KL only (JSD with 0 < β < 1 uses the PyTorch chunk)"
+        why = "covers forward and reverse KL only (JSD and CAKLD with 0 < β < 1 use the PyTorch chunk)"
     elif mix is None:
         why = "computes the kd_ratio-weighted loss only (fused_linear_kd_ce_loss)"
     if why and kernel == "triton":

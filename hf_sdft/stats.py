@@ -35,6 +35,7 @@ def build_stats(rec, args, model_args, model_path, student, teacher_m, before, a
         "tags": student.tags,
         "recovery": {
             "kd_loss": args.kd_loss, "kd_beta": args.kd_beta, "kd_temperature": args.kd_temperature,
+            **({"cakld_gamma": getattr(trainer, "cakld_gamma", args.cakld_gamma)} if args.kd_loss == "cakld" else {}),
             "kd_ratio": args.kd_ratio, "cka_weight": args.cka_weight, "learning_rate": args.learning_rate,
             "steps": steps, "tokens_seen": steps * args.per_device_train_batch_size
             * args.gradient_accumulation_steps * args.world_size * rec.block_size,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
+import datasets
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 from trl import SFTTrainer
@@ -21,7 +24,15 @@ from trl import SFTTrainer
 from .cka import linear_cka
 from .data import pad
 from .distributed import check_fsdp_launch
-from .losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy, topk_distillation_loss
+from .losses import (
+    cached_label_logprobs,
+    distillation_loss,
+    fused_linear_kd_ce_loss,
+    label_logprobs,
+    mean_label_probability,
+    token_cross_entropy,
+    topk_distillation_loss,
+)
 from .on_policy import TEACHER_PROMPT, OnPolicySampler
 from .teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
 from .teacher import (
@@ -121,6 +132,7 @@ class SDFTMixin:
             )
         # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
         # counted over labels[..., 1:] (the causal shift compute_loss applies)
+        self.cakld_gamma = self.args.cakld_gamma  # kd_loss cakld: estimated at the first loss when unset
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._loss_shifts_labels = True
@@ -197,6 +209,66 @@ class SDFTMixin:
         hidden = {i: h.to(student_device) for i, h in hidden.items()}
         return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
 
+    def kd_weight(self) -> float:
+        """The ``beta`` of the KD loss: ``kd_beta`` (JSD), or CAKLD's γ (``cakld_gamma``, else
+        estimated by :meth:`estimate_cakld_gamma` the first time it is needed)."""
+        if self.args.kd_loss != "cakld":
+            return self.args.kd_beta
+        if self.cakld_gamma is None:
+            self.cakld_gamma = self.estimate_cakld_gamma()
+            logger.info(f"kd_loss cakld: γ = {self.cakld_gamma:.4f}, the teacher's mean label-token probability over "
+                        f"{self.args.cakld_calibration_batches} training batches")
+        return self.cakld_gamma
+
+    def estimate_cakld_gamma(self) -> float:
+        """BitDistiller's γ (Du et al. 2024, arXiv 2402.10631, §3.2): the teacher's probability of
+        the label tokens, averaged over each sequence and then over the sequences of
+        ``cakld_calibration_batches`` training batches (at ``kd_temperature``, the temperature the
+        loss distils at; the paper's is 1).
+
+        The batches are a random sample of the training set drawn with a generator seeded by
+        ``seed`` (an iterable dataset: its first batches), so the global random state is untouched
+        and a resumed run gets the same γ. Every process reads the same sample and the estimates
+        are averaged, so all hold the same γ. From a teacher cache, a label outside the cached top-k
+        counts as probability 0 (a lower bound, exact when k = V).
+        """
+        args, description = self.args, "CAKLD calibration"
+        if self.train_dataset is None:
+            raise ValueError("kd_loss cakld estimates γ from the training data but this trainer has no train_dataset: "
+                             "pass one, or set cakld_gamma")
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        batch_size = args.per_device_train_batch_size
+        if not isinstance(dataset, IterableDataset):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+            order = order[:batch_size * args.cakld_calibration_batches].tolist()
+            dataset = dataset.select(order) if isinstance(dataset, datasets.Dataset) else Subset(dataset, order)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+        head = self.fused_heads[1] if self.fused_heads is not None else None
+        sums = torch.zeros(2, dtype=torch.float32, device=args.device)
+        for batch in itertools.islice(loader, args.cakld_calibration_batches):
+            batch = self._prepare_inputs(batch)
+            labels = batch["labels"][..., 1:]
+            if self.teacher_cache is not None:
+                ids, logprobs = (batch[k][:, :-1] for k in CACHE_COLUMNS[:2])
+                label_lp = cached_label_logprobs(ids, logprobs, labels)
+            else:
+                model_inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS} | {"use_cache": False}
+                teacher_out, _ = self._teacher_forward(model_inputs, [], head)
+                with torch.no_grad():
+                    label_lp = label_logprobs(teacher_out[..., :-1, :], labels, temperature=args.kd_temperature,
+                                              head_weight=None if head is None else head.weight,
+                                              head_bias=None if head is None else head.bias)
+            sums += torch.stack(mean_label_probability(label_lp, labels.to(label_lp.device))).to(sums.device)
+        sums = self.accelerator.reduce(sums, reduction="mean")
+        if not sums[1] > 0:
+            raise ValueError(f"kd_loss cakld: the {args.cakld_calibration_batches} calibration batches hold no label "
+                             "token to estimate γ from: check the training data's labels, or set cakld_gamma")
+        return float(sums[0] / sums[1])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A fraction ``on_policy_ratio`` of micro-batches is replaced by the student's own samples
         (:mod:`hf_sdft.on_policy`); those are normalised by their own token count."""
@@ -239,7 +311,7 @@ class SDFTMixin:
                 "completion_only_loss or how labels are built"
             )
         denom = num_items_in_batch if num_items_in_batch is not None else n_local
-        kd_kwargs = dict(loss_type=args.kd_loss, beta=args.kd_beta, temperature=args.kd_temperature,
+        kd_kwargs = dict(loss_type=args.kd_loss, beta=self.kd_weight(), temperature=args.kd_temperature,
                          num_items_in_batch=1, chunk_size=args.kd_chunk_size)
         output_grad = torch.is_grad_enabled() and args.output_loss_weight > 0  # else CE and KD are logged only
         # accelerate autocasts the model's forward only: without this the fused heads would multiply
@@ -295,6 +367,8 @@ class SDFTMixin:
                 values = self.accelerator.gather(means[None]).mean(0).tolist()
                 logs.update({f"{prefix}{k}": v for k, v in zip(names, values)})
             window.clear()
+            if self.cakld_gamma is not None and mode == "train":
+                logs["cakld_gamma"] = self.cakld_gamma
         super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs):

@@ -32,6 +32,8 @@ def reference(zs, zt, mask, labels, kind, beta, temp):
         d = kl(pt, ps)
     elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         d = kl(ps, pt)
+    elif kind == "cakld":  # BitDistiller: γ·KL(p_S‖p_T) + (1 − γ)·KL(p_T‖p_S), γ = beta; no special ends
+        d = beta * kl(ps, pt) + (1 - beta) * kl(pt, ps)
     else:
         m = beta * pt + (1 - beta) * ps
         d = (beta * kl(pt, m) + (1 - beta) * kl(ps, m)) / (beta * (1 - beta))
@@ -57,7 +59,7 @@ def problem(seed=0, n=(3, 13), hidden=12, teacher_hidden=9, vocab=41, bias=True,
 
 
 @pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
-                                       ("jsd", 0.0), ("jsd", 1.0)])
+                                       ("jsd", 0.0), ("jsd", 1.0), ("cakld", 0.3), ("cakld", 0.0), ("cakld", 1.0)])
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 @pytest.mark.parametrize("chunk", [None, 5, 1000])
 def test_matches_reference_values_and_gradients(kind, beta, temp, chunk):
@@ -113,20 +115,22 @@ class HeadSizedTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("temp", [1.0, 2.0])
-def test_weighted_loss_gradient_in_one_buffer(ratio, temp):
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("cakld", 0.7)])
+def test_weighted_loss_gradient_in_one_buffer(ratio, temp, kind, beta):
     hs, ws, bs, ht, wt, bt, labels = problem()
     mask = labels != -100
     mask[1, 2] = True
     with HeadSizedTensors(ws.numel()) as buffers:
         loss, kd, ce = fused_linear_kd_ce_loss(hs, ws, ht, wt, mask, labels, kd_ratio=ratio, temperature=temp,
-                                               num_items_in_batch=30, student_head_bias=bs, teacher_head_bias=bt)
+                                               num_items_in_batch=30, student_head_bias=bs, teacher_head_bias=bt,
+                                               loss_type=kind, beta=beta)
     assert buffers.count == 1  # the two-output function keeps two
     assert not kd.requires_grad and not ce.requires_grad
     loss.backward()
     leaves = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
     zs = leaves[0].reshape(-1, 12) @ leaves[1].T + leaves[2]
     zt = ht.double().reshape(-1, 9) @ wt.double().T + bt.double()
-    kd_sum, ce_sum = reference(zs, zt, mask.reshape(-1).double(), labels.reshape(-1), "forward_kl", 0.5, temp)
+    kd_sum, ce_sum = reference(zs, zt, mask.reshape(-1).double(), labels.reshape(-1), kind, beta, temp)
     ref = (ratio * kd_sum + (1 - ratio) * ce_sum) / 30
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -215,7 +219,7 @@ def one_step_state(tmp_path, tokenizer, texts, untied, **kw):
 
 
 @pytest.mark.parametrize("untied", [False, True])
-@pytest.mark.parametrize("kd_ratio,kd_loss", [(1.0, "forward_kl"), (0.6, "jsd")])
+@pytest.mark.parametrize("kd_ratio,kd_loss", [(1.0, "forward_kl"), (0.6, "jsd"), (0.8, "cakld")])
 def test_trainer_fused_equals_unfused(tmp_path, tokenizer, texts, untied, kd_ratio, kd_loss):
     kw = dict(kd_ratio=kd_ratio, kd_loss=kd_loss, gradient_accumulation_steps=2)
     fused, w_fused = one_step_state(tmp_path / "f", tokenizer, texts, untied, **kw)
@@ -223,6 +227,8 @@ def test_trainer_fused_equals_unfused(tmp_path, tokenizer, texts, untied, kd_rat
     assert fused.fused_heads is not None and plain.fused_heads is None
     for key in ("kd_loss", "ce_loss", "loss"):
         assert logged(fused, key) == pytest.approx(logged(plain, key), rel=1e-4)
+    if kd_loss == "cakld":  # γ from the teacher's head input, chunk by chunk, equals γ from its logits
+        assert fused.cakld_gamma == pytest.approx(plain.cakld_gamma, rel=1e-5)
     for name, w in w_fused.items():
         torch.testing.assert_close(w, w_plain[name], rtol=1e-3, atol=1e-4)  # Adam steps of ~1e-2
 
@@ -280,7 +286,7 @@ def syncs_of_one_call(n, chunk, kd_ratio=0.4, **kw):
     return seen.ops
 
 
-@pytest.mark.parametrize("kd_ratio,kind", [(0.4, "forward_kl"), (1.0, "reverse_kl"), (0.7, "jsd")])
+@pytest.mark.parametrize("kd_ratio,kind", [(0.4, "forward_kl"), (1.0, "reverse_kl"), (0.7, "jsd"), (0.5, "cakld")])
 def test_fused_loss_host_syncs_do_not_grow_with_the_chunks(kd_ratio, kind):
     few, many = syncs_of_one_call(32, 8, kd_ratio, loss_type=kind), syncs_of_one_call(256, 8, kd_ratio, loss_type=kind)
     assert few == many == ["nonzero"]  # 4 and 32 chunks: the one compaction of unsupervised rows
@@ -444,3 +450,37 @@ def test_fp16_grad_scaler_trains_with_the_fused_loss(tmp_path, tokenizer, texts)
     kd = logged(trainer, "kd_loss")
     assert all(math.isfinite(v) for v in kd + logged(trainer, "loss")) and kd[-1] < kd[0]
     assert any(not torch.equal(p, before[n]) for n, p in student.state_dict().items())
+
+
+def test_cakld_falls_back_to_the_pytorch_chunk_where_the_kernel_would_run(monkeypatch):
+    """The Triton kernel covers forward / reverse KL: CAKLD with 0 < γ < 1 takes the PyTorch chunk
+    (refused with kernel='triton'); γ = 0 and 1, which are those KLs exactly, may use the kernel."""
+    from hf_sdft import kd_triton
+    from hf_sdft.losses import _use_kernel
+
+    monkeypatch.setattr(kd_triton, "available", lambda device: True)
+    cuda, mix = torch.device("cuda"), (1.0, 0.0)
+    assert _use_kernel("auto", cuda, "forward_kl", 0.5, mix)  # the check can fail: the kernel is "there"
+    assert not _use_kernel("auto", cuda, "cakld", 0.3, mix)
+    assert _use_kernel("auto", cuda, "cakld", 0.0, mix) and _use_kernel("auto", cuda, "cakld", 1.0, mix)
+    with pytest.raises(ValueError, match="JSD and CAKLD with 0 < β < 1 use the PyTorch chunk"):
+        _use_kernel("triton", cuda, "cakld", 0.3, mix)
+
+
+@pytest.mark.parametrize("kind,beta,reverse", [("forward_kl", 0.5, False), ("reverse_kl", 0.5, True),
+                                               ("cakld", 0.0, False), ("cakld", 1.0, True), ("jsd", 1.0, True)])
+def test_kernel_gets_the_direction_of_the_loss_it_stands_for(monkeypatch, kind, beta, reverse):
+    """CAKLD (or JSD) at β = 1 is reverse KL: the kernel must be told so, not run forward KL."""
+    from hf_sdft import kd_triton
+
+    seen = []
+
+    def chunk(z_s, z_t, y, w_kd, mix, *, reverse, temperature):
+        seen.append(reverse)
+        return torch.zeros(z_s.shape[0]), torch.zeros(z_s.shape[0])
+
+    monkeypatch.setattr(kd_triton, "available", lambda device: True)
+    monkeypatch.setattr(kd_triton, "kd_ce_chunk", chunk)
+    hs, ws, _, ht, wt, _, labels = problem(bias=False)
+    fused_linear_kd_ce_loss(hs, ws, ht, wt, labels=labels, kd_ratio=0.5, loss_type=kind, beta=beta, chunk_size=8)
+    assert seen and set(seen) == {reverse}
