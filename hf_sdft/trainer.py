@@ -246,7 +246,8 @@ class SDFTMixin:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
             order = order[:batch_size * args.cakld_calibration_batches].tolist()
             dataset = dataset.select(order) if isinstance(dataset, datasets.Dataset) else Subset(dataset, order)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+        # its own generator: a DataLoader draws its workers' base seed from the global one otherwise
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
         head = self.fused_heads[1] if self.fused_heads is not None else None
         sums = torch.zeros(2, dtype=torch.float32, device=args.device)
         for batch in itertools.islice(loader, args.cakld_calibration_batches):

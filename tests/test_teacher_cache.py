@@ -11,7 +11,7 @@ from datasets import load_from_disk
 
 from hf_sdft import SDFTConfig, SDFTTrainer
 from hf_sdft.cli import main
-from hf_sdft.losses import distillation_loss, topk_distillation_loss
+from hf_sdft.losses import cached_label_logprobs, distillation_loss, label_logprobs, topk_distillation_loss
 from hf_sdft.teacher_cache import cache_metadata, cache_teacher, topk_outputs
 
 from .helpers import cpu_args, make_model, perturb
@@ -28,7 +28,8 @@ def cached_outputs(teacher_logits, k):
     return ids.int(), values, tail
 
 
-@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2),
+                                       ("cakld", 0.3)])
 def test_full_vocabulary_cache_equals_the_online_loss(kind, beta):
     g = torch.Generator().manual_seed(0)
     zs, zt = torch.randn(4, 6, 30, generator=g) * 2, torch.randn(4, 6, 30, generator=g) * 2
@@ -39,7 +40,7 @@ def test_full_vocabulary_cache_equals_the_online_loss(kind, beta):
         assert cached.item() == pytest.approx(online.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "cakld"])
 def test_topk_loss_matches_a_bucketed_reference(kind):
     g = torch.Generator().manual_seed(1)
     zs, zt = torch.randn(7, 25, generator=g) * 2, torch.randn(7, 25, generator=g) * 2
@@ -57,10 +58,43 @@ def test_topk_loss_matches_a_bucketed_reference(kind):
             expected.append((b * np.log(b / a)).sum())
         elif kind == "reverse_kl":
             expected.append((a * np.log(a / b)).sum())
+        elif kind == "cakld":  # γ = beta on reverse KL, 1 − γ on forward KL, over the k + 1 outcomes
+            expected.append(beta * (a * np.log(a / b)).sum() + (1 - beta) * (b * np.log(b / a)).sum())
         else:
             m = beta * b + (1 - beta) * a
             expected.append((beta * (b * np.log(b / m)).sum() + (1 - beta) * (a * np.log(a / m)).sum()) / (beta * (1 - beta)))
     assert got == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.35, 1.0])
+def test_cakld_from_a_full_cache_equals_a_direct_implementation(gamma):
+    g = torch.Generator().manual_seed(2)
+    zs, zt = torch.randn(3, 5, 17, generator=g) * 2, torch.randn(3, 5, 17, generator=g) * 2
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    leaf = zs.clone().requires_grad_()
+    got = topk_distillation_loss(leaf, *cached_outputs(zt, 17), mask, loss_type="cakld", beta=gamma, chunk_size=4)
+    got.backward()
+    ref = zs.double().requires_grad_()
+    ps, pt = torch.softmax(ref, -1), torch.softmax(zt.double(), -1)
+    d = gamma * (ps * (ps / pt).log()).sum(-1) + (1 - gamma) * (pt * (pt / ps).log()).sum(-1)
+    d[mask].mean().backward()
+    assert got.item() == pytest.approx(d[mask].mean().item(), rel=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_cached_label_probabilities_are_exact_at_k_equal_v_and_a_lower_bound_below():
+    g = torch.Generator().manual_seed(3)
+    zt = torch.randn(2, 6, 13, generator=g) * 2
+    labels = torch.randint(13, (2, 6), generator=g)
+    labels[0, 0] = -100
+    online = label_logprobs(zt, labels)
+    full = cached_label_logprobs(*cached_outputs(zt, 13)[:2], labels)
+    torch.testing.assert_close(full, online)
+    ids, values, _ = cached_outputs(zt, 3)
+    part = cached_label_logprobs(ids, values, labels)
+    inside = (ids.long() == labels[..., None]).any(-1)
+    torch.testing.assert_close(part[inside], online[inside])
+    assert torch.isinf(part[~inside]).all() and (~inside).sum() > 1  # outside the top-3: probability 0
 
 
 def test_cache_writer_shards_and_mass(tmp_path, tokenizer, texts):
@@ -78,19 +112,24 @@ def test_cache_writer_shards_and_mass(tmp_path, tokenizer, texts):
     assert torch.equal(fresh["teacher_topk_ids"][0], torch.tensor(row["teacher_topk_ids"]))
 
 
-def test_training_from_a_full_cache_equals_online_training(tmp_path, tokenizer, texts):
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "cakld"])
+def test_training_from_a_full_cache_equals_online_training(tmp_path, tokenizer, texts, kd_loss):
     teacher = make_model()
     student = perturb(copy.deepcopy(teacher))
     vocab = teacher.config.vocab_size
     cache_teacher(teacher, lm_dataset(tokenizer, texts), tmp_path / "cache", top_k=vocab, batch_size=8)
     args = SDFTConfig(output_dir=str(tmp_path / "c"), **cpu_args(per_device_train_batch_size=8, max_steps=3,
-                                                                 learning_rate=1e-2, kd_ratio=0.7))
+                                                                 learning_rate=1e-2, kd_ratio=0.7, kd_loss=kd_loss))
     from_cache = SDFTTrainer(model=copy.deepcopy(student), args=args, train_dataset=load_from_disk(str(tmp_path / "cache")))
     assert from_cache.teacher_model is None
     from_cache.train()
     online = sdft_trainer(tmp_path / "o", copy.deepcopy(student), teacher, tokenizer, texts, max_steps=3,
-                          learning_rate=1e-2, kd_ratio=0.7)
+                          learning_rate=1e-2, kd_ratio=0.7, kd_loss=kd_loss)
     online.train()
+    if kd_loss == "cakld":  # γ from the cached top-V log-probabilities equals γ from the teacher
+        assert 0.0 < from_cache.cakld_gamma < 1.0
+        assert from_cache.cakld_gamma == pytest.approx(online.cakld_gamma, rel=1e-5)
+        assert logged(from_cache, "cakld_gamma") == pytest.approx(logged(online, "cakld_gamma"), rel=1e-5)
     for key in ("kd_loss", "ce_loss"):
         assert logged(from_cache, key) == pytest.approx(logged(online, key), rel=1e-4, abs=1e-6)
 

@@ -119,6 +119,64 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, tokenizer):
     torch.testing.assert_close(weights[0], weights[2], rtol=1e-5, atol=1e-6)
 
 
+def direct_cakld_gamma(teacher, dataset, rows=None):
+    """BitDistiller's γ written out: per sequence, the mean teacher probability of its next-token
+    labels; then the mean over sequences (float64)."""
+    means = []
+    for i in rows if rows is not None else range(len(dataset)):
+        row = dataset[i]
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([row["input_ids"]]),
+                             attention_mask=torch.tensor([row["attention_mask"]])).logits[0, :-1].double()
+        labels = torch.tensor(row["labels"][1:])
+        keep = labels != -100
+        means.append(torch.softmax(logits, -1)[keep, labels[keep]].mean().item())
+    return sum(means) / len(means)
+
+
+def test_cakld_trains_and_logs_the_teachers_gamma(tmp_path, tokenizer, texts):
+    teacher = make_model()
+    student = perturb(copy.deepcopy(teacher))
+    trainer = sdft_trainer(tmp_path, student, teacher, tokenizer, texts, max_steps=20, learning_rate=3e-3,
+                           kd_loss="cakld", kd_ratio=0.9)
+    state = torch.get_rng_state()
+    gamma = trainer.estimate_cakld_gamma()
+    assert torch.equal(torch.get_rng_state(), state)  # the calibration sample draws from its own generator
+    trainer.train()
+    kd = logged(trainer, "kd_loss")
+    assert kd[-1] < 0.5 * kd[0]
+    # 20 calibration batches of 8 cover the 64 sequences: γ is the average over all of them
+    want = direct_cakld_gamma(teacher, lm_dataset(tokenizer, texts))
+    assert 0.01 < want < 0.99  # strictly inside (0, 1): a blend, not one of the two KLs (untrained: ~1/V)
+    assert trainer.cakld_gamma == pytest.approx(want, rel=1e-5) and gamma == trainer.cakld_gamma
+    assert logged(trainer, "cakld_gamma") == [trainer.cakld_gamma] * 20
+
+
+def test_cakld_gamma_from_a_seeded_sample_of_the_calibration_batches(tmp_path, tokenizer, texts):
+    teacher = make_model()
+    trainer = sdft_trainer(tmp_path, perturb(copy.deepcopy(teacher)), teacher, tokenizer, texts, kd_loss="cakld",
+                           cakld_calibration_batches=2, seed=3)
+    rows = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:16].tolist()
+    dataset = lm_dataset(tokenizer, texts)
+    assert trainer.estimate_cakld_gamma() == pytest.approx(direct_cakld_gamma(teacher, dataset, rows), rel=1e-5)
+    assert trainer.estimate_cakld_gamma() != pytest.approx(direct_cakld_gamma(teacher, dataset), rel=1e-3)
+
+
+@pytest.mark.parametrize("gamma,same_as", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_cakld_with_a_given_gamma_at_its_ends_trains_as_the_kl_it_is(tmp_path, tokenizer, texts, gamma, same_as):
+    runs = {}
+    for name, kw in (("cakld", dict(kd_loss="cakld", cakld_gamma=gamma)), ("kl", dict(kd_loss=same_as))):
+        teacher = make_model()
+        trainer = sdft_trainer(tmp_path / name, perturb(copy.deepcopy(teacher)), teacher, tokenizer, texts,
+                               max_steps=2, learning_rate=1e-2, kd_ratio=0.8, **kw)
+        trainer.train()
+        runs[name] = trainer
+    assert logged(runs["cakld"], "cakld_gamma") == [gamma, gamma]  # given, not estimated
+    assert logged(runs["kl"], "cakld_gamma") == []
+    for key in ("kd_loss", "loss"):
+        assert logged(runs["cakld"], key) == logged(runs["kl"], key)
+
+
 def test_cka_history_saved_and_continued_after_resume(tmp_path, tokenizer, texts):
     kw = dict(max_steps=6, learning_rate=1e-3, save_strategy="steps", save_steps=3)
 
@@ -201,16 +259,28 @@ class TestErrors:
             sdft_trainer(tmp_path, make_model(), make_model(layers=3), tokenizer, texts, cka_weight=0.1)
 
     def test_unknown_kd_loss(self, tmp_path):
-        with pytest.raises(ValueError, match="kd_loss='kl' is unknown: choose one of forward_kl, reverse_kl, jsd"):
+        with pytest.raises(ValueError, match="kd_loss='kl' is unknown: choose one of forward_kl, reverse_kl, jsd, cakld"):
             SDFTConfig(output_dir=str(tmp_path), kd_loss="kl")
 
     @pytest.mark.parametrize("field,value,msg", [
         ("kd_ratio", 1.5, "kd_ratio=1.5 must be in"), ("kd_beta", -0.1, "kd_beta=-0.1 must be in"),
         ("kd_temperature", 0.0, "kd_temperature=0.0 must be > 0"), ("cka_layers", "a,b", "decoder-layer indices"),
+        ("cakld_gamma", 0.5, "cakld_gamma=0.5 weighs CAKLD's two KLs but kd_loss='forward_kl'"),
+        ("cakld_calibration_batches", 0, "cakld_calibration_batches=0 must be a positive"),
     ])
     def test_config_validation(self, tmp_path, field, value, msg):
         with pytest.raises(ValueError, match=msg):
             SDFTSFTConfig(output_dir=str(tmp_path), **{field: value})
+
+    def test_cakld_gamma_outside_0_1(self, tmp_path):
+        with pytest.raises(ValueError, match=r"cakld_gamma=1.5 must be in \[0, 1\]"):
+            SDFTConfig(output_dir=str(tmp_path), kd_loss="cakld", cakld_gamma=1.5)
+
+    def test_cakld_without_labels_to_estimate_gamma_from(self, tmp_path, tokenizer, texts):
+        trainer = sdft_trainer(tmp_path, make_model(), make_model(seed=1), tokenizer, texts, kd_loss="cakld")
+        trainer.train_dataset = trainer.train_dataset.map(lambda row: {"labels": [-100] * len(row["labels"])})
+        with pytest.raises(ValueError, match="hold no label token to estimate γ from"):
+            trainer.estimate_cakld_gamma()
 
     def test_frozen_student(self, tmp_path, tokenizer, texts):
         with pytest.raises(ValueError, match="the student has no trainable parameter"):
