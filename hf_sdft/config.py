@@ -48,7 +48,8 @@ class SDFTArguments:
         metadata={"help": "The original, undegraded model (Hub id or folder). Omit when passing teacher_model= or "
                   "when the student is a PEFT model whose base (adapters disabled) is the teacher."},
     )
-    kd_loss: str = field(default="forward_kl", metadata={"help": f"One of {', '.join(LOSS_TYPES)}."})
+    kd_loss: str = field(default="forward_kl", metadata={"help": f"One of {', '.join(LOSS_TYPES)} (cakld: BitDistiller's "
+                                                                 "γ·reverse KL + (1 − γ)·forward KL, see cakld_gamma)."})
     kd_beta: float = field(default=0.5, metadata={"help": "JSD mixture weight β in [0, 1]: 0 = forward KL, 1 = reverse KL."})
     cakld_gamma: float | None = field(
         default=None,

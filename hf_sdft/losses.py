@@ -100,6 +100,8 @@ def distillation_loss(
     """Distillation loss between logits ``(..., V)``; a float32 scalar.
 
     Args:
+        loss_type, beta: the divergence, as :func:`token_divergence` defines them (``beta`` is
+            JSD's β, or CAKLD's γ).
         mask: bool ``(...)`` aligned with the logits positions; False positions contribute
             nothing. The caller does any causal shift.
         num_items_in_batch: when given, the loss is sum ÷ this count (the number of
@@ -637,7 +639,8 @@ def topk_distillation_loss(
     their log-probabilities ``(..., k)``, and the tail bucket of every other token, whose teacher
     log-mass is ``teacher_tail_logprob`` ``(...)`` and student log-mass is computed from
     ``student_logits`` ``(..., V)`` (softmax at ``temperature``, the temperature the cache was
-    written at). With k = V this is exactly the full-vocabulary loss.
+    written at). With k = V this is exactly the full-vocabulary loss, for every ``loss_type``
+    (CAKLD included: its two KLs are taken over the same k + 1 outcomes).
     """
     check_loss_type(loss_type)
     if teacher_topk_ids.shape != teacher_topk_logprobs.shape or teacher_topk_ids.shape[:-1] != student_logits.shape[:-1]:

@@ -304,3 +304,16 @@ def test_eval_tasks_score_teacher_degraded_and_recovered(tmp_path):
     assert "sdft_kjv_nextline acc (recovered)" in format_table(stats)
     results = ModelCard.load(tmp_path / "README.md").data.eval_results
     assert {r.metric_name for r in results} >= {f"sdft_kjv_nextline acc ({m})" for m in scores}
+
+
+def test_cakld_recovery_estimates_and_reports_gamma(tiny, tmp_path):
+    stats, args = recover(tiny, tmp_path, "--degradation", "prune", "--kd_loss", "cakld", "--logging_steps", "4")
+    assert args.kd_loss == "cakld" and args.cakld_gamma is None
+    gamma = stats["recovery"]["cakld_gamma"]
+    assert 0.0 < gamma < 1.0
+    assert json.loads((tmp_path / STATS_FILE).read_text())["recovery"]["cakld_gamma"] == gamma
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [e["cakld_gamma"] for e in history if "cakld_gamma" in e] == [gamma, gamma]  # logged at steps 4 and 8
+    assert stats["perplexity"]["recovered"] < stats["perplexity"]["degraded"]
+    given = _recipe_parser().parse_args_and_config(["--kd_loss", "cakld", "--cakld_gamma", "0.4"])[1]
+    assert given.cakld_gamma == 0.4
