@@ -355,3 +355,23 @@ def test_cka_measurement_stops_after_the_last_layer_and_matches_hidden_states(to
     expected = [linear_cka(hs[i + 1][rows], ht[i + 1][rows]).item() for i in got_layers if i + 1 < len(hs) - 1]
     assert got_layers == ([0, 1, 2] if layers == "all" else [0])
     assert got.tolist()[: len(expected)] == pytest.approx(expected, rel=1e-9)
+
+
+def test_cakld_in_the_sft_trainer_and_with_a_peft_students_base_as_teacher(tmp_path, tokenizer, texts):
+    teacher = make_model()
+    args = SDFTSFTConfig(output_dir=str(tmp_path), **cpu_args(per_device_train_batch_size=8, max_steps=2,
+                                                              gradient_checkpointing=False, max_length=32),
+                         kd_loss="cakld", cakld_calibration_batches=3)
+    sft = SDFTSFTTrainer(model=perturb(copy.deepcopy(teacher)), args=args, teacher_model=teacher,
+                         processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}))
+    sft.train()  # TRL's tokenization and collator feed the calibration batches
+    assert len(logged(sft, "cakld_gamma")) == 2 and 0.0 < sft.cakld_gamma < 1.0
+    base = make_model()
+    student = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # adapters that change the student: γ must still come from the base alone
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft = sdft_trainer(tmp_path / "p", student, None, tokenizer, texts, kd_loss="cakld")
+    online = sdft_trainer(tmp_path / "o", make_model(seed=5), base, tokenizer, texts, kd_loss="cakld")
+    assert peft.estimate_cakld_gamma() == pytest.approx(online.estimate_cakld_gamma(), rel=1e-6)
