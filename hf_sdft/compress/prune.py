@@ -124,8 +124,8 @@ def sparsegpt_layer(
     its kept weights to reconstruct the layer's outputs on the inputs whose Hessian is ``hessian``
     ``(in, in)`` (``2·XᵀX/tokens``; only its shape up to a factor matters).
 
-    ``H + λ·mean(diag H)·I`` (λ = ``damp``; an input never active gets ``H_jj = 1``) is inverted and
-    its inverse factored ``H⁻¹ = UᵀU`` (``U`` upper Cholesky); the columns are processed left to
+    ``H + λ·mean(diag H)·I`` (λ = ``damp``; an input never active gets ``H_jj = 1``) gives the upper
+    Cholesky factor ``U`` of its inverse, ``H⁻¹ = UᵀU`` (one Cholesky, one triangular solve); the columns are processed left to
     right in blocks of ``blocksize``. The saliency of weight ``w_ij`` is ``w_ij²/U_jj²``
     (``U_jj² = [H_F⁻¹]_jj``, ``F`` the columns not processed yet). Unstructured: at each block's start
     the lowest-saliency weights of the block (all rows together) are chosen, so that columns
@@ -136,26 +136,29 @@ def sparsegpt_layer(
     once (``W[:, i2:] −= Err·U[i1:i2, i2:]``).
 
     Returns ``(weight, keep)``: the pruned and updated weight in float32 on ``weight``'s device
-    (exact zeros where ``keep`` is False) and the keep-mask. Cost: the Cholesky factorizations
-    and inverse, O(in³), plus O(out·in²) for the updates, and one ``(in, in)`` float32 Hessian in memory.
+    (exact zeros where ``keep`` is False) and the keep-mask. Cost: a Cholesky factorization and a triangular solve,
+    O(in³), plus O(out·in²) for the updates; memory: the ``(in, in)`` Hessian and ``U`` in float32.
     """
-    w = weight.detach().float().clone()
-    h = hessian.detach().to(w.device, torch.float32, copy=True)
-    rows, cols = w.shape
+    wt = weight.detach().float().T.contiguous()  # (in, out): the columns of W are contiguous rows here
+    h = hessian.detach().to(wt.device, torch.float32, copy=True)
+    cols, rows = wt.shape
     dead = h.diagonal() == 0
     h[dead, dead] = 1  # inputs never active: their weights have no effect on the outputs
     h.diagonal().add_(damp * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # H = V·Vᵀ, V upper (the lower Cholesky factor of H with rows and columns reversed), so
+    # H⁻¹ = UᵀU with U = V⁻¹: the upper Cholesky factor of H⁻¹ without forming H⁻¹.
+    v = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
     del h
-    keep = torch.ones_like(w, dtype=torch.bool)
+    u = torch.linalg.solve_triangular(v, torch.eye(cols, device=v.device), upper=True)
+    del v
+    keep = torch.ones_like(wt, dtype=torch.bool)
     if nm is not None:
         n, m = nm
         blocksize = max(m, blocksize // m * m)  # an N:M group never straddles two blocks
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        d = u1.diagonal()
-        keep1 = torch.ones_like(w1, dtype=torch.bool)
+        w1, u1, keep1 = wt[i1:i2], u[i1:i2, i1:i2], keep[i1:i2]  # views: updated in place
+        d = u1.diagonal().unsqueeze(1)
         if nm is None:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
             if k:
@@ -164,17 +167,14 @@ def sparsegpt_layer(
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if nm is not None and i % m == 0:
-                low = (w1[:, i : i + m] / d[i : i + m]).square().topk(m - n, dim=1, largest=False).indices
-                keep1[:, i : i + m].scatter_(1, low, False)
-            q = w1[:, i] * keep1[:, i]
-            err = (w1[:, i] - q) / d[i]
-            w1[:, i + 1 :] -= err.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        keep[:, i1:i2] = keep1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w, keep
+                low = (w1[i : i + m] / d[i : i + m]).square().topk(m - n, dim=0, largest=False).indices
+                keep1[i : i + m].scatter_(0, low, False)
+            q = w1[i] * keep1[i]
+            err1[i] = (w1[i] - q) / d[i]
+            w1[i + 1 :].addr_(u1[i, i + 1 :], err1[i], alpha=-1)
+            w1[i] = q
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
+    return wt.T.contiguous(), keep.T.contiguous()
 
 
 class _Stop(Exception):
