@@ -456,3 +456,20 @@ def test_sparsegpt_degradation(tokenizer):
     assert deg.describe()["method"] == "sparsegpt" and deg.describe()["measured_sparsity"] == 0.5
     assert deg.tags() == ["pruned", "2:4", "sparsegpt"]
     assert_same_masks(masks_from_zeros(model), deg.masks)
+
+
+def test_sparsegpt_dead_inputs_and_bfloat16(tokenizer):
+    """An input never active (zero Hessian row) neither breaks the factorization nor the exact
+    sparsity; a bfloat16 model keeps exactly the mask's zeros."""
+    x = correlated_inputs()
+    x[:, 5] = 0
+    w = torch.randn(12, 32)
+    pruned, keep = sparsegpt_layer(w, torch.tensor(2 * x.T @ x / len(x), dtype=torch.float32), 0.5)
+    assert torch.isfinite(pruned).all() and (~keep).sum() == 12 * 16
+    assert torch.equal(pruned != 0, keep)
+
+    model = make_model().to(torch.bfloat16)
+    masks = prune(model, sparsity=0.5, pattern="2:4", method="sparsegpt", calibration=calibration(tokenizer))
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert_same_masks(masks_from_zeros(model), masks)
+    assert sparsity_report(model)["total"] == 0.5

@@ -125,8 +125,8 @@ def sparsegpt_layer(
     ``(in, in)`` (``2·XᵀX/tokens``; only its shape up to a factor matters).
 
     ``H + λ·mean(diag H)·I`` (λ = ``damp``; an input never active gets ``H_jj = 1``) gives the upper
-    Cholesky factor ``U`` of its inverse, ``H⁻¹ = UᵀU`` (one Cholesky, one triangular solve); the columns are processed left to
-    right in blocks of ``blocksize``. The saliency of weight ``w_ij`` is ``w_ij²/U_jj²``
+    Cholesky factor ``U`` of its inverse, ``H⁻¹ = UᵀU`` (one Cholesky, one triangular solve); the
+    columns are processed left to right in blocks of ``blocksize``. The saliency of weight ``w_ij`` is ``w_ij²/U_jj²``
     (``U_jj² = [H_F⁻¹]_jj``, ``F`` the columns not processed yet). Unstructured: at each block's start
     the lowest-saliency weights of the block (all rows together) are chosen, so that columns
     ``[0, i2)`` have lost exactly ``round(sparsity·out·i2)`` weights (the layer: ``round(sparsity·numel)``).
@@ -136,14 +136,14 @@ def sparsegpt_layer(
     once (``W[:, i2:] −= Err·U[i1:i2, i2:]``).
 
     Returns ``(weight, keep)``: the pruned and updated weight in float32 on ``weight``'s device
-    (exact zeros where ``keep`` is False) and the keep-mask. Cost: a Cholesky factorization and a triangular solve,
-    O(in³), plus O(out·in²) for the updates; memory: the ``(in, in)`` Hessian and ``U`` in float32.
+    (exact zeros where ``keep`` is False) and the keep-mask. Cost: a Cholesky factorization and a
+    triangular solve, O(in³), plus O(out·in²) for the updates; memory: the ``(in, in)`` Hessian and ``U`` in float32.
     """
     wt = weight.detach().float().T.contiguous()  # (in, out): the columns of W are contiguous rows here
     h = hessian.detach().to(wt.device, torch.float32, copy=True)
     cols, rows = wt.shape
     dead = h.diagonal() == 0
-    h[dead, dead] = 1  # inputs never active: their weights have no effect on the outputs
+    h[dead, dead] = 1  # inputs never active; their weights are kept, not zeroed: the sparsity stays exact
     h.diagonal().add_(damp * h.diagonal().mean())
     # H = V·Vᵀ, V upper (the lower Cholesky factor of H with rows and columns reversed), so
     # H⁻¹ = UᵀU with U = V⁻¹: the upper Cholesky factor of H⁻¹ without forming H⁻¹.
@@ -300,9 +300,11 @@ def prune(
             (Frantar & Alistarh 2023, :func:`sparsegpt_layer`) chooses the weights by their OBS
             saliency and updates the kept ones to reconstruct each layer's outputs on ``calibration``,
             block after block (each block's inputs come from the already pruned earlier blocks);
-            unstructured, each layer loses exactly ``round(sparsity·numel)`` weights. Cost per layer:
-            1024×1024 SPARSEGPT_COST_1K, 4096×4096 SPARSEGPT_COST_4K (CPU, 2 cores; GPU not measured),
-            plus about half a forward pass of the model over ``calibration`` per block.
+            unstructured, each layer loses exactly ``round(sparsity·numel)`` weights. Cost per layer
+            (``benchmarks/sparsegpt_cost.py``; CPU, 2 cores shared, best of runs; GPU not measured):
+            1024×1024 0.5–0.7 s, 4096×4096 8–14 s (unstructured ≈ 2:4), plus accumulating
+            ``XᵀX`` (tokens·in² multiply-adds) and, per decoder block, the forward pass of
+            ``calibration`` up to that block (about L/2 full passes for L blocks).
         calibration: tokenized batches for Wanda and SparseGPT: dicts of ``input_ids`` ``(B, T)`` and optional
             ``attention_mask`` ``(B, T)`` (padded tokens are not counted).
         include: fnmatch patterns over module names choosing the layers (see :func:`prunable_layers`).
