@@ -252,8 +252,8 @@ class RecoveryArguments:
     )
     prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
     prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
-    prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda"})
-    calibration_blocks: int = field(default=16, metadata={"help": "Training blocks used for Wanda / activation scales."})
+    prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
+    calibration_blocks: int = field(default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
     dataset_config_name: str | None = None
     dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})

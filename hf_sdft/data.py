@@ -333,7 +333,7 @@ class RecoveryData:
     narrow_eval: HeldOut | None = None
 
     def calibration(self, n: int, batch_size: int = 4) -> list[dict]:
-        """The first ``n`` training items as model-input batches (Wanda / activation scales)."""
+        """The first ``n`` training items as model-input batches (Wanda / SparseGPT / activation scales)."""
         return [model_inputs(b) for b in as_batches(self.train.select(range(min(n, len(self.train)))), batch_size)]
 
 

@@ -79,6 +79,29 @@ def test_pruned_recovery_keeps_exact_sparsity(tiny, tmp_path, pattern):
     assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]  # it trained
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_recovery_keeps_the_masks_it_made(tiny, tmp_path, pattern):
+    from hf_sdft.compress.prune import prune
+    from hf_sdft.data import load_recovery_data
+
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--prune_pattern", pattern,
+                       "--prune_method", "sparsegpt", "--learning_rate", "1e-2")
+    assert stats["degradation"]["method"] == "sparsegpt" and stats["degradation"]["measured_sparsity"] == 0.5
+    rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
+    calibration = load_recovery_data(rec, make_tokenizer(), default_model=False).calibration(rec.calibration_blocks)
+    degraded = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    masks = prune(degraded, 0.5, pattern, "sparsegpt", calibration)
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path)
+    found = masks_from_zeros(recovered)
+    assert found.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert torch.equal(found[name], mask), name  # exactly the zeros SparseGPT made, kept through training
+    modules = dict(recovered.named_modules())
+    changed = [not torch.allclose(modules[n].weight, dict(degraded.named_modules())[n].weight) for n in masks]
+    assert all(changed)  # the kept weights trained
+    assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_on_policy_recovery_keeps_exact_sparsity(tiny, tmp_path, lora):
     peft = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"] if lora else []
