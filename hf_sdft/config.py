@@ -231,10 +231,21 @@ class RecoveryArguments:
     quant_group_size: str = field(
         default="channel", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
     )
+    quant_clip_search: bool = field(
+        default=False,
+        metadata={"help": "Search each group's clipping range (min/max shrunk by 1.0..0.5) for the least layer-output "
+                  "error on calibration_blocks' inputs (AWQ / BitDistiller style); saved in quanto's format."},
+    )
+    quant_learn_scales: bool = field(
+        default=False,
+        metadata={"help": "Train the quantization scales and shifts with the loss (LSQ / OmniQuant style; full QAT, "
+                  "also an own quanto student's); they take the model's learning rate."},
+    )
     prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
     prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
     prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda"})
-    calibration_blocks: int = field(default=16, metadata={"help": "Training blocks used for Wanda / activation scales."})
+    calibration_blocks: int = field(
+        default=16, metadata={"help": "Training blocks used for Wanda / activation scales / the clipping search."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
     dataset_config_name: str | None = None
     dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})
@@ -310,7 +321,8 @@ class RecoveryArguments:
             return None
         if self.degradation == "quanto":
             return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
-                                   group_size=self.group_size())
+                                   group_size=self.group_size(), clip_search=self.quant_clip_search,
+                                   learn_scales=self.quant_learn_scales)
         if self.degradation == "prune":
             return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
                                    method=self.prune_method)
