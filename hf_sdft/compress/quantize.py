@@ -157,8 +157,17 @@ def quantize_student(
         group_size: int4/int2 only. ``"auto"`` keeps quanto's choice (128, or one scale per
             output channel when the input dim is ≤ 128); ``None`` forces one scale per output
             channel; an int sets the group size (it must divide the input dim).
+        clip: search each group's clipping range on the ``calibration`` batches' inputs
+            (:func:`~hf_sdft.compress.fake_quant.clip_search`, one forward pass, then about 12
+            products of each layer's size); the layers hold that grid.
+        learn_scales: the layers' scales and shifts become parameters trained with the loss
+            (from the clipped grid with ``clip``, else quanto's min/max one).
     """
     _check_types(weights, activations)
+    if (clip or learn_scales) and activations is not None:
+        raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
+    if clip and not calibration:
+        raise ValueError("the clip search needs calibration batches (the layers' inputs)")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize")
     if activations is not None and not calibration:
