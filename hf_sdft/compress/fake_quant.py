@@ -250,6 +250,7 @@ class FakeQuantLinear(nn.Linear):
 
 
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
+CLIP_SWEEPS = 2  # coordinate-descent sweeps over a row's groups (the exact error, cross terms included)
 CLIP_TOKENS = 512  # calibration tokens per layer kept for the search (AWQ's auto_clip uses 512 too)
 
 
@@ -268,24 +269,87 @@ def _group_errors(inputs: torch.Tensor, delta: torch.Tensor, group_size: int | N
     return torch.bmm(x, d.transpose(1, 2)).pow(2).sum(1).transpose(0, 1).reshape(-1)
 
 
+def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high: torch.Tensor, r: float):
+    """``w - ŵ`` (grouped) on the grid of ratio ``r`` (:func:`minmax_scales` from the groups' ``low``
+    / ``high``, ``high`` = max|w| for int8), ŵ as :func:`fake_quantize` computes it, in place."""
+    lo, hi = code_range(bits)
+    if bits == 8:
+        scale, shift = r * high / INT8_QMAX, None
+    else:
+        scale, shift = (r * high - r * low) / (2**bits - 1), -(r * low)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    v = (grouped.clone() if shift is None else grouped + shift).div_(divisor).round_().clamp_(lo, hi).mul_(scale)
+    if shift is not None:
+        v.sub_(shift)
+    return torch.sub(grouped, v, out=v)
+
+
+def _coordinate_descent(x: torch.Tensor, grouped: torch.Tensor, bits: int, low, high, ratio: torch.Tensor,
+                        ratios: tuple[float, ...], group_size: int, sweeps: int,
+                        gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Refine per-group ratios ``(rows, 1)`` on the exact row error ``‖X (w_o − ŵ_o)‖²``, cross
+    terms included: group by group (all rows at once), the grid's ratio least for the row given the
+    other groups' current ones; a change only where it lowers the error, so the error never rises.
+    Sweeps until none changes (then every group's ratio is the grid's best given the others) or
+    ``sweeps`` are done. With ``R = X (w_o − ŵ_o)`` minus group g's share, the candidates' errors
+    differ by ``2 (X_gᵀR)·δ + δᵀ (X_gᵀX_g) δ``: per group one product with the tokens and one
+    with the group's Gram matrix per ratio."""
+    tokens, inp = x.shape
+    groups = inp // group_size
+    out = grouped.shape[0] // groups
+    grid = torch.tensor(ratios, device=x.device, dtype=torch.float32)
+    idx = (ratio.reshape(out, groups, 1) == grid).float().argmax(-1)  # (out, groups) indices into the grid
+    wg = grouped.reshape(out, groups, group_size)
+    lowg, highg = (None if low is None else low.reshape(out, groups, 1)), high.reshape(out, groups, 1)
+    xg = x.reshape(tokens, groups, group_size)
+    if gram is None:
+        xt = xg.transpose(0, 1)
+        gram = torch.bmm(xt.transpose(1, 2), xt)  # (groups, size, size)
+    rows = torch.arange(out, device=x.device)
+    for _ in range(sweeps):
+        delta = _grid_error(grouped, bits, low, high, grid[idx].reshape(-1, 1)).reshape(out, inp)
+        residual = x @ delta.T  # (tokens, out): X (w_o - ŵ_o) for every row
+        changed = False
+        for g in range(groups):
+            d = _grid_error(wg[None, :, g], bits, None if lowg is None else lowg[None, :, g], highg[None, :, g],
+                            grid[:, None, None])  # (ratios, out, size)
+            pick = idx[:, g]
+            current = d[pick, rows]  # (out, size)
+            rest = residual - xg[:, g] @ current.T  # the row's error without group g's share
+            q = rest.T @ xg[:, g]  # (out, size)
+            err = (d * (2 * q + torch.matmul(d, gram[g]))).sum(-1)  # (ratios, out), up to ‖rest‖²
+            best_err, best = err.min(0)
+            switch = best_err < err[pick, rows]
+            if switch.any():
+                pick = torch.where(switch, best, pick)
+                idx[:, g] = pick
+                changed = True
+            residual = rest + xg[:, g] @ d[pick, rows].T
+        if not changed:
+            break
+    return grid[idx].reshape(-1, 1)
+
+
 @torch.no_grad()
 def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs: torch.Tensor,
-                ratios: tuple[float, ...] = CLIP_RATIOS):
+                ratios: tuple[float, ...] = CLIP_RATIOS, sweeps: int = CLIP_SWEEPS):
     """Per-group clipping (AWQ's auto_clip, BitDistiller's asymmetric clipping) on quanto's grid:
-    for each group (or output row without groups) the shrink ratio ``r`` of ``ratios`` whose grid
-    (:func:`minmax_scales`, ``min' = r·min``, ``max' = r·max``; int8 ``r·max|w|``) gives the least
-    error ``‖X_g (w_g − ŵ_g)‖²`` of the group's own share of the layer output on the calibration
-    inputs ``X`` ``(tokens, in)``. Shares of one output row interact (cross terms between groups),
-    which the search leaves out as AWQ does; a row whose full output error ``‖X (w_o − ŵ_o)‖²``
-    came out larger than with quanto's plain grid keeps the plain grid, so the layer's output error
-    ``‖X (W − Ŵ)ᵀ‖²`` never increases. ``ratios`` must start with 1.0 (the plain grid).
+    for each group (or output row without groups) a shrink ratio ``r`` of ``ratios``, the grid
+    :func:`minmax_scales` (``min' = r·min``, ``max' = r·max``; int8 ``r·max|w|``), chosen for the
+    least layer-output error ``‖X (W − Ŵ)ᵀ‖²`` on the calibration inputs ``X`` ``(tokens, in)``.
+
+    That error is a sum over output rows; without groups each row's ratio is the grid's best
+    (exact). With groups, the groups of a row interact (``‖Σ_g X_g δ_g‖²`` has cross terms): first
+    each group takes the ratio least for its own share ``‖X_g δ_g‖²`` (AWQ's auto_clip, through
+    the groups' Gram matrices ``X_gᵀX_g``), a row whose full error came out larger than with the
+    plain grid goes back to it, then up to ``sweeps`` sweeps of coordinate descent over the groups
+    on the exact row error (:func:`_coordinate_descent`). The error never exceeds the plain grid's.
+    ``ratios`` must start with 1.0 (the plain grid).
 
     Returns ``(scale, shift, ratio)``, each ``(rows, 1)`` (``shift`` None for int8).
 
-    Cost: one pass of the calibration batches to capture the inputs, then per layer ``len(ratios)``
-    + 1 products of the layer's size with ``min(tokens, group)`` columns: measured on 2 CPU cores
-    (float32, 512 tokens, 11 ratios, groups of 128) about 0.25 s for a 1024×1024 layer and 4 s for
-    a 4096×4096 one (per output row: 0.5 s and 9 s); not measured on a GPU."""
+    Cost per layer (float32, 512 tokens, 11 ratios, on 2 shared CPU cores, GPU not measured):
+    COST_FIGURES"""
     if not ratios or ratios[0] != 1.0:
         raise ValueError(f"ratios must start with 1.0 (quanto's plain grid), got {ratios}")
     w = weight.detach().float()
@@ -295,25 +359,28 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
     if size <= x.shape[0]:
         xg = x.reshape(-1, w.shape[1] // size, size).transpose(0, 1)  # (groups, tokens, size)
         gram = torch.bmm(xg.transpose(1, 2), xg)
+    grouped = _grouped(w, group_size)
+    low, high = (None, grouped.abs().amax(1, keepdim=True)) if bits == 8 else (
+        grouped.amin(1, keepdim=True), grouped.amax(1, keepdim=True))
     best_err = best_ratio = None
     for r in ratios:
-        scale, shift = minmax_scales(w, bits, group_size, r)
-        delta = w - fake_quantize(w, bits, group_size, scale, shift)
-        err = _group_errors(x, delta, group_size, gram)
+        err = _group_errors(x, _grid_error(grouped, bits, low, high, r).reshape(w.shape), group_size, gram)
         if best_err is None:
             best_err, best_ratio = err, torch.full_like(err, r)
         else:
             better = err < best_err
             best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, r, best_ratio)
     ratio = best_ratio[:, None]
-    plain_rows = ratio.reshape(w.shape[0], -1)
-    if group_size is not None and (plain_rows != 1.0).any():  # the row guard (per-row groups need none)
-        def row_error(scale, shift):
-            delta = w - fake_quantize(w, bits, group_size, scale, shift)
-            return (x @ delta.T).pow(2).sum(0)
+    chosen = ratio.reshape(w.shape[0], -1)
+    if group_size is not None and w.shape[1] > group_size:
+        if (chosen != 1.0).any():  # rows the cross terms made worse go back to the plain grid
+            def row_error(r):
+                return (x @ _grid_error(grouped, bits, low, high, r).reshape(w.shape).T).pow(2).sum(0)
 
-        worse = row_error(*minmax_scales(w, bits, group_size, ratio)) > row_error(*minmax_scales(w, bits, group_size))
-        ratio = torch.where(worse[:, None], 1.0, plain_rows).reshape(-1, 1)
+            worse = row_error(ratio) > row_error(1.0)
+            ratio = torch.where(worse[:, None], 1.0, chosen).reshape(-1, 1)
+        if sweeps:
+            ratio = _coordinate_descent(x, grouped, bits, low, high, ratio, ratios, group_size, sweeps, gram)
     scale, shift = minmax_scales(w, bits, group_size, ratio)
     dtype = weight.dtype
     return scale.to(dtype), None if shift is None else shift.to(dtype), ratio
