@@ -22,8 +22,8 @@ import json
 import warnings
 from fnmatch import fnmatch
 from functools import partial
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from optimum.quanto import Calibration, QModuleMixin, freeze, qfloat8, qint2, qint4, qint8, quantization_map, quantize
@@ -158,8 +158,9 @@ def quantize_student(
             output channel when the input dim is ≤ 128); ``None`` forces one scale per output
             channel; an int sets the group size (it must divide the input dim).
         clip: search each group's clipping range on the ``calibration`` batches' inputs
-            (:func:`~hf_sdft.compress.fake_quant.clip_search`, one forward pass, then about 12
-            products of each layer's size); the layers hold that grid.
+            (:func:`~hf_sdft.compress.fake_quant.clip_search`, its cost per layer there; the
+            inputs of every layer, at most 512 tokens each, are held in float32 during the search);
+            the layers hold that grid.
         learn_scales: the layers' scales and shifts become parameters trained with the loss
             (from the clipped grid with ``clip``, else quanto's min/max one).
     """
