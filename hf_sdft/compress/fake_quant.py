@@ -366,7 +366,11 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
     ============  ==================  ===================  =========
 
     The products behind it: per ratio ``min(tokens, group) · in · out`` multiply-adds for the
-    per-group search, per sweep about ``(3 · tokens + 11 · group) · in · out``."""
+    per-group search, per sweep about ``(3 · tokens + 11 · group) · in · out``.
+
+    Effect before any training, on the embedded 1.1M model (16 calibration blocks of 128 tokens,
+    held-out perplexity, original 19.98): int2 per row 63.2 → 28.3, int2 groups of 32 35.6 → 26.5,
+    int4 per row 20.62 → 20.40, int4 groups of 32 20.31 → 20.18."""
     if not ratios or ratios[0] != 1.0:
         raise ValueError(f"ratios must start with 1.0 (quanto's plain grid), got {ratios}")
     w = weight.detach().float()
