@@ -115,6 +115,12 @@ class SDFTArguments:
         default="base", metadata={"help": "base (the frozen original) | ema (an exponential average of the student)."}
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate per optimizer step (ema teacher)."})
+    quant_scales_lr_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Learning rate of learned quantization scales and shifts (quant_learn_scales) relative to "
+                  "learning_rate, without weight decay: Adam moves a parameter by about the learning rate per step, "
+                  "large for a scale of 1e-2."},
+    )
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample on-policy batches with vLLM through TRL's integration (CUDA and "
                                  "pip install 'trl[vllm]'); else model.generate."}
@@ -180,6 +186,8 @@ class SDFTArguments:
             raise ValueError("teacher_prompt_template must contain {prompt} and {privileged_context}")
         if self.teacher_model_kind not in TEACHER_KINDS:
             raise ValueError(f"teacher_model_kind={self.teacher_model_kind!r}: choose one of {', '.join(TEACHER_KINDS)}")
+        if self.quant_scales_lr_ratio < 0:
+            raise ValueError(f"quant_scales_lr_ratio={self.quant_scales_lr_ratio} must be ≥ 0")
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]")
         if self.use_vllm and self.on_policy_ratio == 0:
@@ -239,7 +247,7 @@ class RecoveryArguments:
     quant_learn_scales: bool = field(
         default=False,
         metadata={"help": "Train the quantization scales and shifts with the loss (LSQ / OmniQuant style; full QAT, "
-                  "also an own quanto student's); they take the model's learning rate."},
+                  "also an own quanto student's), at learning_rate × quant_scales_lr_ratio."},
     )
     prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
     prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})

@@ -18,7 +18,18 @@ from hf_sdft.compress.quantize import (
 )
 
 from .helpers import make_model, make_texts, make_tokenizer
-from .test_fake_quant import no_compiled_kernels, train  # noqa: F401  (the fixture)
+from .test_fake_quant import no_compiled_kernels  # noqa: F401  (the fixture)
+from .test_trainer import sdft_trainer
+
+
+def train(student, teacher, tmp_path, steps=3, ratio=None):
+    extra = {} if ratio is None else {"quant_scales_lr_ratio": ratio}
+    trainer = sdft_trainer(tmp_path / "run", student, teacher, make_tokenizer(), make_texts(24), max_steps=steps,
+                           learning_rate=1e-2, save_strategy="no", **extra)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters() if "proj" in n)
+    return trainer
 
 CLIP_CASES = [(4, 32), (4, None), (2, 16), (8, None)]
 
@@ -205,7 +216,13 @@ def test_learned_scales_train_save_and_reload_exactly(no_compiled_kernels, tmp_p
     start = {n: (m.weight_scale.detach().clone(), m.weight_shift.detach().clone())
              for n, m in student.named_modules() if isinstance(m, FakeQuantLinear)}
     assert all(student.get_submodule(n).learns_scales for n in start)
-    train(student, teacher, tmp_path)
+    trainer = train(student, teacher, tmp_path, ratio=0.5)
+    groups = trainer.optimizer.param_groups
+    scales = {id(m.weight_scale) for m in student.modules() if isinstance(m, FakeQuantLinear)}
+    own = [g for g in groups if any(id(p) in scales for p in g["params"])]
+    assert len(own) == 1 and all(id(p) not in scales for g in groups if g is not own[0] for p in g["params"])
+    assert own[0]["weight_decay"] == 0.0 and len(own[0]["params"]) == 2 * len(start)
+    assert own[0]["initial_lr"] == pytest.approx(0.5 * trainer.args.learning_rate)
     assert any(not torch.equal(student.get_submodule(n).weight_scale, s) for n, (s, _) in start.items())
     assert any(not torch.equal(student.get_submodule(n).weight_shift, b) for n, (_, b) in start.items())
     ids = torch.randint(3, 30, (3, 20))

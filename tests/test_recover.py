@@ -75,6 +75,7 @@ def test_quanto_recovery_with_clip_search_and_learned_scales(tiny, tmp_path):
     described = saved["degradation"]
     assert described["learned_scales"] is True and "clip_search" in described
     assert 0 < described["clip_groups_shrunk"] <= 1 and 0.5 <= described["clip_mean_ratio"] < 1
+    assert saved["recovery"]["quant_scales_lr_ratio"] == 0.1
     card = (tmp_path / "README.md").read_text()
     assert "clipping search" in card and "scales and shifts learned in QAT" in card
     from hf_sdft.data import load_recovery_data

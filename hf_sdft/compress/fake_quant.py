@@ -171,8 +171,9 @@ class FakeQuantLinear(nn.Linear):
     forward. :meth:`hold_scales` makes the layer hold its grid instead: ``weight_scale`` and
     ``weight_shift`` ``(rows, 1)`` (rows: groups, or output rows), as buffers (fixed, e.g. from
     :func:`clip_search`) or as parameters trained with the loss (``learnable``, LSQ / OmniQuant
-    style, see :func:`fake_quantize`). They are ordinary parameters: the optimizer gives them the
-    model's learning rate and weight decay (hf-sdft's recipes use none). Saving writes the codes on
+    style, see :func:`fake_quantize`), named ``weight_scale`` / ``weight_shift``: hf-sdft's trainers
+    give them a group of their own (learning rate × ``quant_scales_lr_ratio``, 0.1 by default, no
+    weight decay); a plain optimizer treats them as any parameter. Saving writes the codes on
     the held grid and the held scale and shift themselves, so the saved model computes what was
     trained."""
 
