@@ -29,6 +29,8 @@ DEGRADATION_LABELS = {
     "mode": "mode", "sft_steps": "narrow-task SFT steps", "sft_learning_rate": "narrow-task SFT learning rate",
     "student": "student checkpoint", "quantization": "quantization", "adapters": "adapters",
     "total": "measured sparsity", "layers": "pruned layers", "kept": "zeros kept exactly",
+    "clip_search": "clipping search", "clip_groups_shrunk": "fraction of groups clipped",
+    "clip_mean_ratio": "mean clipping ratio", "learned_scales": "scales and shifts learned in QAT",
 }
 
 

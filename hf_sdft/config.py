@@ -126,6 +126,12 @@ class SDFTArguments:
         default="base", metadata={"help": "base (the frozen original) | ema (an exponential average of the student)."}
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate per optimizer step (ema teacher)."})
+    quant_scales_lr_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Learning rate of learned quantization scales and shifts (quant_learn_scales) relative to "
+                  "learning_rate, without weight decay: Adam moves a parameter by about the learning rate per step, "
+                  "large for a scale of 1e-2."},
+    )
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample on-policy batches with vLLM through TRL's integration (CUDA and "
                                  "pip install 'trl[vllm]'); else model.generate."}
@@ -199,6 +205,8 @@ class SDFTArguments:
             raise ValueError("teacher_prompt_template must contain {prompt} and {privileged_context}")
         if self.teacher_model_kind not in TEACHER_KINDS:
             raise ValueError(f"teacher_model_kind={self.teacher_model_kind!r}: choose one of {', '.join(TEACHER_KINDS)}")
+        if self.quant_scales_lr_ratio < 0:
+            raise ValueError(f"quant_scales_lr_ratio={self.quant_scales_lr_ratio} must be ≥ 0")
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"teacher_update_rate={self.teacher_update_rate} must be in (0, 1]")
         if self.use_vllm and self.on_policy_ratio == 0:
@@ -250,10 +258,21 @@ class RecoveryArguments:
     quant_group_size: str = field(
         default="channel", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
     )
+    quant_clip_search: bool = field(
+        default=False,
+        metadata={"help": "Search each group's clipping range (min/max shrunk by 1.0..0.5) for the least layer-output "
+                  "error on calibration_blocks' inputs (AWQ / BitDistiller style); saved in quanto's format."},
+    )
+    quant_learn_scales: bool = field(
+        default=False,
+        metadata={"help": "Train the quantization scales and shifts with the loss (LSQ / OmniQuant style; full QAT, "
+                  "also an own quanto student's), at learning_rate × quant_scales_lr_ratio."},
+    )
     prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
     prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
     prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
-    calibration_blocks: int = field(default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales."})
+    calibration_blocks: int = field(
+        default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales / the clipping search."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
     dataset_config_name: str | None = None
     dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})
@@ -329,7 +348,8 @@ class RecoveryArguments:
             return None
         if self.degradation == "quanto":
             return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
-                                   group_size=self.group_size())
+                                   group_size=self.group_size(), clip_search=self.quant_clip_search,
+                                   learn_scales=self.quant_learn_scales)
         if self.degradation == "prune":
             return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
                                    method=self.prune_method)

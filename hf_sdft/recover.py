@@ -71,6 +71,9 @@ def load(rec: RecoveryArguments, args: SDFTConfig, model_args) -> Original:
 
 def make_student(original: Original, rec: RecoveryArguments, args: SDFTConfig, model_args) -> Student:
     """Step 2: your own student (``student_name_or_path``) or a degraded copy of the original."""
+    if rec.quant_learn_scales and model_args.use_peft:
+        raise ValueError("quant_learn_scales trains the quantization scales in full quantization-aware training; "
+                         "with use_peft the quantized base is frozen under the adapters: drop one of the two")
     if rec.student_name_or_path is not None:
         return own_student(rec, original.model, original.tokenizer, use_peft=bool(model_args.use_peft),
                            use_kernels=args.use_kernels)

@@ -44,6 +44,8 @@ def build_stats(rec, args, model_args, model_path, student, teacher_m, before, a
                                    if "train_runtime" in e), None) if trainer is not None else None,
             **({"generation": {name: getattr(args, name) for name in GENERATION_FIELDS}} if args.on_policy_ratio > 0 else {}),
             **({"forgetting_mode": rec.forgetting_mode} if rec.degradation == "forgetting" else {}),
+            **({"quant_scales_lr_ratio": args.quant_scales_lr_ratio}
+               if student.description.get("learned_scales") else {}),
         },
         "data": {k: v for k, v in asdict(rec).items() if k.endswith(("_file", "_name", "_split")) and v is not None},
         "perplexity": {"teacher": teacher_m["ppl"], "degraded": before["ppl"], "recovered": after["ppl"]},

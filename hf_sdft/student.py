@@ -154,7 +154,10 @@ def own_student(rec, teacher: nn.Module, tokenizer, use_peft: bool, use_kernels:
         tags += ["quanto", *quant["weights"]]
         student.quantized = True
         if not use_peft and not is_peft(model):
-            thaw_quantized(model)
+            learn = getattr(rec, "quant_learn_scales", False)
+            thaw_quantized(model, hold_scales=learn, learn_scales=learn)
+            if learn:
+                described["learned_scales"] = True
     else:
         sparsity = detect_sparsity(base)
         if sparsity["layers"]:

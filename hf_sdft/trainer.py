@@ -50,6 +50,7 @@ from .teacher import (
 )
 
 logger = logging.get_logger(__name__)
+QUANT_SCALE_NAMES = ("weight_scale", "weight_shift")  # FakeQuantLinear's learned grid
 TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "attention_mask",
                   "teacher_position_ids": "position_ids"}  # on-policy batches: the teacher's own sequence
 NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
@@ -66,6 +67,25 @@ class SDFTMixin:
     """
 
     _tag_names = ["hf-sdft", "sdft"]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with learned quantization scales and shifts
+        (:meth:`~hf_sdft.compress.fake_quant.FakeQuantLinear.hold_scales`) in a group of their own:
+        learning rate × ``quant_scales_lr_ratio``, no weight decay (the scheduler scales it alike).
+        An optimizer passed to the Trainer is left as it is."""
+        given = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        ratio = getattr(self.args, "quant_scales_lr_ratio", 1.0)
+        scales = {id(p) for n, p in (model or self.model).named_parameters()
+                  if p.requires_grad and n.endswith(QUANT_SCALE_NAMES)}
+        if given or not scales or not hasattr(optimizer, "param_groups"):
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in scales]
+            group["params"] = [p for p in group["params"] if id(p) not in scales]
+        optimizer.add_param_group({"params": moved, "lr": self.args.learning_rate * ratio, "weight_decay": 0.0})
+        return optimizer
 
     def __init__(self, model=None, args=None, *pos, teacher_model: nn.Module | str | None = None, **kwargs):
         if teacher_model is None and getattr(args, "teacher_model_name_or_path", None):

@@ -117,6 +117,23 @@ def test_quantized_folder(tiny, tmp_path):
     assert closer(tiny, load_quantized(tmp_path / "q"), out)
 
 
+def test_quantized_folder_with_clipped_grid_learns_its_scales(tiny, tmp_path):
+    from .test_quant_params import batch
+
+    student = quantize_student(original(tiny), "int2", group_size=16, calibration=[batch()], clip=True)
+    save_quantized(student, tmp_path / "q")
+    stats = own(tiny, tmp_path / "out", tmp_path / "q", "--quant_learn_scales", "true")
+    assert stats["degradation"]["learned_scales"] is True
+    # thawed on the saved (clipped) grid: the degraded student is the saved one, exactly
+    assert stats["perplexity"]["degraded"] == pytest.approx(eval_ppl(tiny, load_quantized(tmp_path / "q")), rel=1e-6)
+    out = load_quantized(tmp_path / "out")
+    assert eval_ppl(tiny, out) == pytest.approx(stats["perplexity"]["recovered"], rel=1e-6)
+    saved = out.model.layers[0].mlp.up_proj.weight._scale
+    assert not torch.equal(saved, load_quantized(tmp_path / "q").model.layers[0].mlp.up_proj.weight._scale)
+    with pytest.raises(ValueError, match="quant_learn_scales trains"):
+        own(tiny, tmp_path / "peft", tmp_path / "q", "--quant_learn_scales", "true", "--use_peft", "true")
+
+
 def test_quanto_own_format_loads_with_its_logits(tiny, tmp_path):
     from optimum.quanto import QuantizedModelForCausalLM, qint4
 

@@ -68,6 +68,26 @@ def test_quanto_recovery_saves_an_identical_quantized_student(tiny, tmp_path):
     assert torch.equal(logits(model, tiny), logits(load_quantized(tmp_path), tiny))
 
 
+def test_quanto_recovery_with_clip_search_and_learned_scales(tiny, tmp_path):
+    stats, _ = recover(tiny, tmp_path, "--quant_weights", "int2", "--quant_group_size", "16",
+                       "--quant_clip_search", "true", "--quant_learn_scales", "true", "--calibration_blocks", "8")
+    saved = json.loads((tmp_path / STATS_FILE).read_text())
+    described = saved["degradation"]
+    assert described["learned_scales"] is True and "clip_search" in described
+    assert 0 < described["clip_groups_shrunk"] <= 1 and 0.5 <= described["clip_mean_ratio"] < 1
+    assert saved["recovery"]["quant_scales_lr_ratio"] == 0.1
+    card = (tmp_path / "README.md").read_text()
+    assert "clipping search" in card and "scales and shifts learned in QAT" in card
+    from hf_sdft.data import load_recovery_data
+    from hf_sdft.evaluation import perplexity
+
+    rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
+    data = load_recovery_data(rec, make_tokenizer(), default_model=False)
+    assert perplexity(load_by_card_code(saved, tmp_path), data.eval.batches) == pytest.approx(
+        stats["perplexity"]["recovered"], rel=1e-6)
+    assert stats["perplexity"]["recovered"] != stats["perplexity"]["degraded"]
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_pruned_recovery_keeps_exact_sparsity(tiny, tmp_path, pattern):
     stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--prune_pattern", pattern,

@@ -17,6 +17,11 @@ quanto's ``dequantize()``), so a student trained here and saved in quanto's form
 A constant group (scale 0, e.g. a pruned all-zero group) gets code 0, as quanto's uint8 cast of
 NaN does on CPU. The math runs in the weight's own dtype, as quanto's does (float32 for hf-sdft's
 students).
+
+Beyond quanto's min/max grid, a layer can hold its scale and shift (:meth:`FakeQuantLinear.hold_scales`):
+the per-group clipping range found by :func:`clip_search`, and/or scales and shifts trained with
+the loss (LSQ-style straight-through gradients). quanto's tensors take any float scale and shift
+(``value = scale * code - shift``), so the saved model still computes exactly what was trained.
 """
 
 from __future__ import annotations
@@ -55,10 +60,61 @@ def check_quant(bits: int, group_size: int | None, in_features: int, out_feature
                          "which is not reproduced here; exclude it")
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None):
+def code_range(bits: int) -> tuple[int, int]:
+    """The integer codes of ``bits``: ``(-128, 127)`` for int8, ``(0, 2^bits - 1)`` for int4 / int2."""
+    return (-INT8_QMAX - 1, INT8_QMAX) if bits == 8 else (0, 2**bits - 1)
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    return weight.reshape(-1, group_size) if group_size is not None else weight
+
+
+def minmax_scales(weight: torch.Tensor, bits: int, group_size: int | None = None, ratio=1.0):
+    """quanto's ``(scale, shift)`` ``(rows, 1)`` of a 2-D weight, the range shrunk by ``ratio`` (a
+    float or a ``(rows, 1)`` tensor): int8 ``scale = ratio * max|w| / 127`` (shift None); int4 /
+    int2 ``min' = ratio * min``, ``max' = ratio * max``, ``scale = (max' - min') / (2^bits - 1)``,
+    ``shift = -min'``. ``ratio=1`` is quanto's own choice, bit for bit."""
+    grouped = _grouped(weight, group_size)
+    if bits == 8:
+        return ratio * grouped.abs().amax(dim=1, keepdim=True) / INT8_QMAX, None
+    low = ratio * grouped.amin(dim=1, keepdim=True)
+    high = ratio * grouped.amax(dim=1, keepdim=True)
+    return (high - low) / (2**bits - 1), -low
+
+
+class _RoundThrough(torch.autograd.Function):
+    """``torch.round`` forward (exact integers), identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def codes_with(weight: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
+               shift: torch.Tensor | None) -> torch.Tensor:
+    """Codes of ``weight`` on a given grid, in the grouped layout: ``clamp(round((w + shift) / scale),
+    lo, hi)`` (no shift for int8), differentiable in ``weight``, ``scale`` and ``shift`` with
+    straight-through rounding (LSQ): inside the range ``d code / d w = 1 / scale``, outside 0. A
+    zero scale (a constant group) divides by 1 instead: its values are ``-shift`` whatever the code."""
+    grouped = _grouped(weight, group_size)
+    lo, hi = code_range(bits)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    x = (grouped if shift is None else grouped + shift) / divisor
+    return torch.clamp(_RoundThrough.apply(x), lo, hi)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
     """``(codes, scale, shift)`` of a 2-D weight: codes (float, integer-valued) in quanto's grouped
     layout ``(out * in / group_size, group_size)`` (``(out, in)`` without groups), scale and shift
-    ``(rows, 1)``; ``shift`` is None for int8."""
+    ``(rows, 1)``; ``shift`` is None for int8. Without ``scale`` the grid is quanto's min/max one;
+    with ``scale`` (and ``shift`` for int4 / int2) the codes are :func:`codes_with` that grid's."""
+    if scale is not None:
+        return codes_with(weight, bits, group_size, scale, shift), scale, shift
     if bits == 8:
         scale = weight.abs().amax(dim=1, keepdim=True) / INT8_QMAX
         codes = torch.clamp(torch.round(weight / scale), -INT8_QMAX - 1, INT8_QMAX)
@@ -74,7 +130,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
                       shape: torch.Size) -> torch.Tensor:
-    """The float weight of ``shape`` that :func:`quantize_weight`'s output stands for."""
+    """The float weight of ``shape`` that :func:`quantize_weight`'s output stands for (quanto's
+    ``scale * code - shift``, in that order)."""
     values = scale * codes
     if shift is not None:
         values = values - shift
@@ -93,20 +150,40 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """``weight`` rounded to the ``bits`` grid (quanto's values), with a straight-through gradient."""
-    return _StraightThrough.apply(weight, bits, group_size)
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` rounded to the ``bits`` grid (quanto's values). Without ``scale``: quanto's
+    min/max grid recomputed from ``weight``, the gradient passed straight through unchanged. With a
+    held ``scale`` / ``shift``: ``scale * clamp(round((w + shift) / scale), lo, hi) - shift``,
+    gradients by autograd with straight-through rounding (LSQ): to ``w`` inside the range only, to
+    ``scale`` ``code - (w + shift) / scale`` inside and ``code`` outside, to ``shift`` 0 inside and
+    -1 outside (summed over each group)."""
+    if scale is None:
+        return _StraightThrough.apply(weight, bits, group_size)
+    return dequantize_weight(codes_with(weight, bits, group_size, scale, shift), scale, shift, weight.shape)
 
 
 class FakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` (so PEFT can wrap it) that computes with its float weight fake-quantized to
-    ``bits`` with ``group_size`` inputs per scale; the float weight is what trains."""
+    ``bits`` with ``group_size`` inputs per scale; the float weight is what trains.
+
+    By default the grid (scale, shift) is quanto's min/max one, recomputed from the weight at every
+    forward. :meth:`hold_scales` makes the layer hold its grid instead: ``weight_scale`` and
+    ``weight_shift`` ``(rows, 1)`` (rows: groups, or output rows), as buffers (fixed, e.g. from
+    :func:`clip_search`) or as parameters trained with the loss (``learnable``, LSQ / OmniQuant
+    style, see :func:`fake_quantize`), named ``weight_scale`` / ``weight_shift``: hf-sdft's trainers
+    give them a group of their own (learning rate × ``quant_scales_lr_ratio``, 0.1 by default, no
+    weight decay); a plain optimizer treats them as any parameter. Saving writes the codes on
+    the held grid and the held scale and shift themselves, so the saved model computes what was
+    trained."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = None, device=None, dtype=None):
         check_quant(bits, group_size, in_features, out_features)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bits, self.group_size = bits, group_size
+        self.weight_scale: torch.Tensor | None = None
+        self.weight_shift: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None | str = "auto",
@@ -122,19 +199,210 @@ class FakeQuantLinear(nn.Linear):
         layer.bias = linear.bias
         return layer
 
+    @property
+    def holds_scales(self) -> bool:
+        return self.weight_scale is not None
+
+    @property
+    def learns_scales(self) -> bool:
+        return isinstance(self.weight_scale, nn.Parameter)
+
+    @torch.no_grad()
+    def hold_scales(self, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                    learnable: bool = False) -> FakeQuantLinear:
+        """Hold the grid from now on: ``scale`` / ``shift`` ``(rows, 1)`` (default: quanto's min/max
+        grid of the current weight), as parameters when ``learnable``, else as buffers."""
+        if scale is None:
+            scale, shift = minmax_scales(self.weight.detach(), self.bits, self.group_size)
+        rows = self.out_features * (self.in_features // self.group_size if self.group_size else 1)
+        if scale.shape != (rows, 1) or (shift is None) != (self.bits == 8) or (
+                shift is not None and shift.shape != (rows, 1)):
+            raise ValueError(f"int{self.bits} scale / shift of shape ({rows}, 1) expected (shift None for int8), "
+                             f"got {tuple(scale.shape)} / {None if shift is None else tuple(shift.shape)}")
+        like = self.weight
+        for name, value in (("weight_scale", scale), ("weight_shift", shift)):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+            if hasattr(self, name):
+                delattr(self, name)
+            if value is None:
+                setattr(self, name, None)
+            elif learnable:
+                self.register_parameter(name, nn.Parameter(value.detach().to(like.device, like.dtype).clone()))
+            else:
+                self.register_buffer(name, value.detach().to(like.device, like.dtype).clone())
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size), self.bias)
+        weight = fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
+        return F.linear(x, weight, self.bias)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with (the grid values), without gradient."""
-        return fake_quantize(self.weight, self.bits, self.group_size)
+        return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
 
     @torch.no_grad()
     def quantized(self):
         """``(codes, scale, shift)`` of the current weight (see :func:`quantize_weight`)."""
-        return quantize_weight(self.weight, self.bits, self.group_size)
+        return quantize_weight(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
 
     def extra_repr(self) -> str:
         groups = f"group_size={self.group_size}" if self.group_size else "per-row scales"
-        return f"{super().extra_repr()}, int{self.bits}, {groups}"
+        held = ", learned scales" if self.learns_scales else ", held scales" if self.holds_scales else ""
+        return f"{super().extra_repr()}, int{self.bits}, {groups}{held}"
+
+
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
+CLIP_SWEEPS = 2  # coordinate-descent sweeps over a row's groups (the exact error, cross terms included)
+CLIP_TOKENS = 512  # calibration tokens per layer kept for the search (AWQ's auto_clip uses 512 too)
+
+
+def _group_errors(inputs: torch.Tensor, delta: torch.Tensor, group_size: int | None,
+                  gram: torch.Tensor | None) -> torch.Tensor:
+    """Per (output row, group) error ``‖X_g δ_{o,g}‖²`` flat in quanto's grouped row order
+    ``(out * groups,)``: through the groups' Gram matrices ``X_gᵀX_g`` when given (cheaper when the
+    group is smaller than the token count), else through the inputs."""
+    out, inp = delta.shape
+    size = group_size or inp
+    groups = inp // size
+    d = delta.reshape(out, groups, size).transpose(0, 1)  # (groups, out, size)
+    if gram is not None:
+        return (torch.bmm(d, gram) * d).sum(-1).transpose(0, 1).reshape(-1)  # gram (groups, size, size)
+    x = inputs.reshape(-1, groups, size).transpose(0, 1)  # (groups, tokens, size)
+    return torch.bmm(x, d.transpose(1, 2)).pow(2).sum(1).transpose(0, 1).reshape(-1)
+
+
+def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high: torch.Tensor, r: float):
+    """``w - ŵ`` (grouped) on the grid of ratio ``r`` (:func:`minmax_scales` from the groups' ``low``
+    / ``high``, ``high`` = max|w| for int8), ŵ as :func:`fake_quantize` computes it, in place."""
+    lo, hi = code_range(bits)
+    if bits == 8:
+        scale, shift = r * high / INT8_QMAX, None
+    else:
+        scale, shift = (r * high - r * low) / (2**bits - 1), -(r * low)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    v = (grouped.clone() if shift is None else grouped + shift).div_(divisor).round_().clamp_(lo, hi).mul_(scale)
+    if shift is not None:
+        v.sub_(shift)
+    return torch.sub(grouped, v, out=v)
+
+
+def _coordinate_descent(x: torch.Tensor, grouped: torch.Tensor, bits: int, low, high, ratio: torch.Tensor,
+                        ratios: tuple[float, ...], group_size: int, sweeps: int,
+                        gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Refine per-group ratios ``(rows, 1)`` on the exact row error ``‖X (w_o − ŵ_o)‖²``, cross
+    terms included: group by group (all rows at once), the grid's ratio least for the row given the
+    other groups' current ones; a change only where it lowers the error, so the error never rises.
+    Sweeps until none changes (then every group's ratio is the grid's best given the others) or
+    ``sweeps`` are done. With ``R = X (w_o − ŵ_o)`` minus group g's share, the candidates' errors
+    differ by ``2 (X_gᵀR)·δ + δᵀ (X_gᵀX_g) δ``: per group one product with the tokens and one
+    with the group's Gram matrix per ratio."""
+    tokens, inp = x.shape
+    groups = inp // group_size
+    out = grouped.shape[0] // groups
+    grid = torch.tensor(ratios, device=x.device, dtype=torch.float32)
+    idx = (ratio.reshape(out, groups, 1) == grid).float().argmax(-1)  # (out, groups) indices into the grid
+    wg = grouped.reshape(out, groups, group_size)
+    lowg, highg = (None if low is None else low.reshape(out, groups, 1)), high.reshape(out, groups, 1)
+    xg = x.reshape(tokens, groups, group_size)
+    if gram is None:
+        xt = xg.transpose(0, 1)
+        gram = torch.bmm(xt.transpose(1, 2), xt)  # (groups, size, size)
+    rows = torch.arange(out, device=x.device)
+    for _ in range(sweeps):
+        delta = _grid_error(grouped, bits, low, high, grid[idx].reshape(-1, 1)).reshape(out, inp)
+        residual = x @ delta.T  # (tokens, out): X (w_o - ŵ_o) for every row
+        changed = False
+        for g in range(groups):
+            d = _grid_error(wg[None, :, g], bits, None if lowg is None else lowg[None, :, g], highg[None, :, g],
+                            grid[:, None, None])  # (ratios, out, size)
+            pick = idx[:, g]
+            current = d[pick, rows]  # (out, size)
+            rest = residual - xg[:, g] @ current.T  # the row's error without group g's share
+            q = rest.T @ xg[:, g]  # (out, size)
+            err = (d * (2 * q + torch.matmul(d, gram[g]))).sum(-1)  # (ratios, out), up to ‖rest‖²
+            best_err, best = err.min(0)
+            switch = best_err < err[pick, rows]
+            if switch.any():
+                pick = torch.where(switch, best, pick)
+                idx[:, g] = pick
+                changed = True
+            residual = rest + xg[:, g] @ d[pick, rows].T
+        if not changed:
+            break
+    return grid[idx].reshape(-1, 1)
+
+
+@torch.no_grad()
+def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs: torch.Tensor,
+                ratios: tuple[float, ...] = CLIP_RATIOS, sweeps: int = CLIP_SWEEPS):
+    """Per-group clipping (AWQ's auto_clip, BitDistiller's asymmetric clipping) on quanto's grid:
+    for each group (or output row without groups) a shrink ratio ``r`` of ``ratios``, the grid
+    :func:`minmax_scales` (``min' = r·min``, ``max' = r·max``; int8 ``r·max|w|``), chosen for the
+    least layer-output error ``‖X (W − Ŵ)ᵀ‖²`` on the calibration inputs ``X`` ``(tokens, in)``.
+
+    That error is a sum over output rows; without groups each row's ratio is the grid's best
+    (exact). With groups, the groups of a row interact (``‖Σ_g X_g δ_g‖²`` has cross terms): first
+    each group takes the ratio least for its own share ``‖X_g δ_g‖²`` (AWQ's auto_clip, through
+    the groups' Gram matrices ``X_gᵀX_g``), a row whose full error came out larger than with the
+    plain grid goes back to it, then up to ``sweeps`` sweeps of coordinate descent over the groups
+    on the exact row error (:func:`_coordinate_descent`). The error never exceeds the plain grid's.
+    ``ratios`` must start with 1.0 (the plain grid).
+
+    Returns ``(scale, shift, ratio)``, each ``(rows, 1)`` (``shift`` None for int8).
+
+    Cost: one forward of the calibration batches to capture the inputs
+    (:func:`~hf_sdft.compress.quantize.calibration_inputs`), then per layer, float32, 512 tokens,
+    11 ratios, measured on 2 shared CPU cores (best of 2–3 runs; not measured on a GPU):
+
+    ============  ==================  ===================  =========
+    layer         groups of 128, no   groups of 128,       per row
+                  sweep               2 sweeps (default)
+    ============  ==================  ===================  =========
+    1024 × 1024   0.5 s               1.2–1.4 s            0.4 s
+    4096 × 4096   5.6 s               17 s                 4.2 s
+    ============  ==================  ===================  =========
+
+    The products behind it: per ratio ``min(tokens, group) · in · out`` multiply-adds for the
+    per-group search, per sweep about ``(3 · tokens + 11 · group) · in · out``.
+
+    Effect before any training, on the embedded 1.1M model (16 calibration blocks of 128 tokens,
+    held-out perplexity, original 19.98): int2 per row 63.2 → 28.3, int2 groups of 32 35.6 → 26.5,
+    int4 per row 20.62 → 20.40, int4 groups of 32 20.31 → 20.18."""
+    if not ratios or ratios[0] != 1.0:
+        raise ValueError(f"ratios must start with 1.0 (quanto's plain grid), got {ratios}")
+    w = weight.detach().float()
+    x = inputs.detach().to(w.device, torch.float32).reshape(-1, w.shape[1])
+    size = group_size or w.shape[1]
+    gram = None
+    if size <= x.shape[0]:
+        xg = x.reshape(-1, w.shape[1] // size, size).transpose(0, 1)  # (groups, tokens, size)
+        gram = torch.bmm(xg.transpose(1, 2), xg)
+    grouped = _grouped(w, group_size)
+    low, high = (None, grouped.abs().amax(1, keepdim=True)) if bits == 8 else (
+        grouped.amin(1, keepdim=True), grouped.amax(1, keepdim=True))
+    best_err = best_ratio = None
+    for r in ratios:
+        err = _group_errors(x, _grid_error(grouped, bits, low, high, r).reshape(w.shape), group_size, gram)
+        if best_err is None:
+            best_err, best_ratio = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, r, best_ratio)
+    ratio = best_ratio[:, None]
+    chosen = ratio.reshape(w.shape[0], -1)
+    if group_size is not None and w.shape[1] > group_size:
+        if (chosen != 1.0).any():  # rows the cross terms made worse go back to the plain grid
+            def row_error(r):
+                return (x @ _grid_error(grouped, bits, low, high, r).reshape(w.shape).T).pow(2).sum(0)
+
+            worse = row_error(ratio) > row_error(1.0)
+            ratio = torch.where(worse[:, None], 1.0, chosen).reshape(-1, 1)
+        if sweeps:
+            ratio = _coordinate_descent(x, grouped, bits, low, high, ratio, ratios, group_size, sweeps, gram)
+    scale, shift = minmax_scales(w, bits, group_size, ratio)
+    dtype = weight.dtype
+    return scale.to(dtype), None if shift is None else shift.to(dtype), ratio

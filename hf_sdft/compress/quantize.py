@@ -19,10 +19,11 @@ extension, minutes with nvcc, at the first unpacking of int4/int2 weights):
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 import warnings
 from fnmatch import fnmatch
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from optimum.quanto import Calibration, QModuleMixin, freeze, qfloat8, qint2, qint4, qint8, quantization_map, quantize
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import Degradation, register_degradation
-from .fake_quant import FakeQuantLinear
+from .fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
 ACTIVATION_TYPES = {"int8": qint8, "fp8": qfloat8}
@@ -98,6 +99,43 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+@torch.no_grad()
+def calibration_inputs(model: nn.Module, layers: dict[str, nn.Module], calibration: list[dict],
+                       max_tokens: int = CLIP_TOKENS, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The inputs ``(tokens, in)`` of each of ``layers`` over the calibration batches (one forward
+    of ``model``, padding excluded), at most ``max_tokens`` of them, drawn at random evenly across
+    the batches (the same tokens for every layer), in float32 on the layer's device."""
+    per_batch = -(-max_tokens // len(calibration))
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    state: dict = {"keep": None, "pick": None}
+
+    def capture(name: str, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if state["keep"] is not None and x.shape[:-1] == state["keep"].shape:
+            x = x[state["keep"]]
+        x = x.reshape(-1, x.shape[-1])
+        if state["pick"] is None or state["pick"][0] != x.shape[0]:
+            g = torch.Generator().manual_seed(seed + len(kept[name]))
+            state["pick"] = (x.shape[0], torch.randperm(x.shape[0], generator=g)[:per_batch].sort().values)
+        kept[name].append(x[state["pick"][1].to(x.device)].float())
+
+    handles = [m.register_forward_pre_hook(partial(capture, name)) for name, m in layers.items()]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration:
+            mask = batch.get("attention_mask")
+            mask = None if mask is None else torch.as_tensor(mask, device=device)
+            state["keep"], state["pick"] = (None if mask is None else mask.bool()), None
+            model(input_ids=torch.as_tensor(batch["input_ids"], device=device), attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(xs)[:max_tokens] for name, xs in kept.items()}
+
+
 def quantize_student(
     model: nn.Module,
     weights: str = "int4",
@@ -105,6 +143,8 @@ def quantize_student(
     exclude: tuple[str, ...] = ("lm_head",),
     group_size: int | None | str = "auto",
     calibration: list[dict] | None = None,
+    clip: bool = False,
+    learn_scales: bool = False,
 ) -> nn.Module:
     """Quantize ``model``'s linear layers in place for quantization-aware training: each becomes a
     :class:`FakeQuantLinear` holding the same float parameters (quanto ``QLinear`` layers when
@@ -117,8 +157,18 @@ def quantize_student(
         group_size: int4/int2 only. ``"auto"`` keeps quanto's choice (128, or one scale per
             output channel when the input dim is ≤ 128); ``None`` forces one scale per output
             channel; an int sets the group size (it must divide the input dim).
+        clip: search each group's clipping range on the ``calibration`` batches' inputs
+            (:func:`~hf_sdft.compress.fake_quant.clip_search`, its cost per layer there; the
+            inputs of every layer, at most 512 tokens each, are held in float32 during the search);
+            the layers hold that grid.
+        learn_scales: the layers' scales and shifts become parameters trained with the loss
+            (from the clipped grid with ``clip``, else quanto's min/max one).
     """
     _check_types(weights, activations)
+    if (clip or learn_scales) and activations is not None:
+        raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
+    if clip and not calibration:
+        raise ValueError("the clip search needs calibration batches (the layers' inputs)")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize")
     if activations is not None and not calibration:
@@ -134,8 +184,15 @@ def quantize_student(
         if size is not None and size != "auto" and m.in_features % size:
             raise ValueError(f"group_size={size} does not divide {name}'s input dim {m.in_features}")
         sizes[name] = FakeQuantLinear.from_linear(m, bits, size, name)
+    inputs = calibration_inputs(model, chosen, calibration) if clip else {}
     if activations is None:
         for name, layer in sizes.items():
+            if clip:
+                scale, shift, ratio = clip_search(layer.weight, layer.bits, layer.group_size, inputs.pop(name))
+                layer.hold_scales(scale, shift, learnable=learn_scales)
+                layer.clip_ratio = ratio  # for the degradation's description
+            elif learn_scales:
+                layer.hold_scales(learnable=True)
             _set_module(model, name, layer)
         return model
     use_pure_kernels()
@@ -166,6 +223,7 @@ def _frozen_quanto(layer: FakeQuantLinear) -> QLinear:
     frozen.output_scale = torch.ones((), dtype=weight.dtype, device=weight.device)
     frozen.weight_group_size = layer.group_size
     codes, scale, shift = layer.quantized()
+    scale, shift = scale.detach(), None if shift is None else shift.detach()
     if layer.bits == 8:
         qweight = WeightQBytesTensor(qtype, 0, weight.size(), weight.stride(), codes.to(torch.int8), scale, None)
     else:
@@ -249,12 +307,15 @@ def freeze_base(model: nn.Module) -> nn.Module:
     return to_quanto(model)
 
 
-def thaw_quantized(model: nn.Module) -> nn.Module:
+def thaw_quantized(model: nn.Module, hold_scales: bool = False, learn_scales: bool = False) -> nn.Module:
     """Turn frozen integer weights (e.g. from :func:`load_quantized`) back into trainable float
     weights holding their dequantized values, in :class:`FakeQuantLinear` layers that fake-quantize
     them again at every forward (quanto layers with quantized activations keep quanto's own
-    re-quantization). Quantization-aware training starts from the frozen model's grid: re-rounding
-    its values lands on them again, up to float rounding of the recomputed scales."""
+    re-quantization). By default the thawed layers recompute quanto's min/max grid from their
+    weights: quantization-aware training starts from the frozen model's grid up to float rounding
+    of the recomputed scales (not where the saved grid was clipped or learned). ``hold_scales``
+    keeps the saved scales and shifts instead (the thawed model computes the saved one's values);
+    ``learn_scales`` keeps them as parameters trained with the loss."""
     use_pure_kernels()
     for name, m in list(quantized_modules(model).items()):
         if isinstance(m, FakeQuantLinear) or m.weight_qtype is None:
@@ -266,6 +327,14 @@ def thaw_quantized(model: nn.Module) -> nn.Module:
         weight = m.weight.dequantize() if m.frozen else m.weight.detach()
         layer = FakeQuantLinear.from_linear(m, QTYPE_BITS[m.weight_qtype.name], m.weight_group_size, name)
         layer.weight = nn.Parameter(weight.contiguous())
+        if hold_scales or learn_scales:
+            if m.frozen:
+                qweight = m.weight
+                shift = getattr(qweight, "_shift", None)
+                layer.hold_scales(qweight._scale.reshape(-1, 1), None if shift is None else shift.reshape(-1, 1),
+                                  learnable=learn_scales)
+            else:
+                layer.hold_scales(learnable=learn_scales)
         _set_module(model, name, layer)
     return model
 
@@ -311,23 +380,42 @@ class QuantoDegradation(Degradation):
     kind = "quanto"
 
     def __init__(self, weights: str = "int4", activations: str | None = None, group_size="auto",
-                 exclude: tuple[str, ...] = ("lm_head",)):
+                 exclude: tuple[str, ...] = ("lm_head",), clip_search: bool = False, learn_scales: bool = False):
         _check_types(weights, activations)
+        if (clip_search or learn_scales) and activations is not None:
+            raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
         self.weights, self.activations, self.group_size, self.exclude = weights, activations, group_size, tuple(exclude)
+        self.clip_search, self.learn_scales = clip_search, learn_scales
         self.effective_group_sizes: dict[str, int | None] = {}
+        self.clipped: dict[str, float] = {}
 
     def apply(self, model, calibration=None):
-        quantize_student(model, self.weights, self.activations, self.exclude, self.group_size, calibration)
+        quantize_student(model, self.weights, self.activations, self.exclude, self.group_size, calibration,
+                         clip=self.clip_search, learn_scales=self.learn_scales)
         self.effective_group_sizes = _group_sizes(model)
+        ratios = [m.clip_ratio for m in quantized_modules(model).values() if hasattr(m, "clip_ratio")]
+        if ratios:
+            ratios = torch.cat([r.flatten().float().cpu() for r in ratios])
+            self.clipped = {"groups_clipped": round((ratios < 1).float().mean().item(), 4),
+                            "mean_ratio": round(ratios.mean().item(), 4)}
         return model
 
     def describe(self) -> dict:
         sizes = sorted({str(g) if g is not None else "per-channel" for g in self.effective_group_sizes.values()})
-        return {
+        described = {
             "kind": self.kind, "weights": self.weights, "activations": self.activations,
             "group_size": ", ".join(sizes) if sizes else str(self.group_size),
             "quantized_layers": len(self.effective_group_sizes), "exclude": list(self.exclude),
         }
+        if self.clip_search:
+            described["clip_search"] = (f"per-group min/max shrink over {CLIP_RATIOS[0]}..{CLIP_RATIOS[-1]} "
+                                        f"({len(CLIP_RATIOS)} ratios), least output error on calibration inputs")
+            if self.clipped:
+                described["clip_groups_shrunk"] = self.clipped["groups_clipped"]
+                described["clip_mean_ratio"] = self.clipped["mean_ratio"]
+        if self.learn_scales:
+            described["learned_scales"] = True
+        return described
 
     def tags(self) -> list[str]:
         return ["quanto", self.weights] + ([f"a{self.activations}"] if self.activations else [])
