@@ -66,20 +66,7 @@ def uneven_model(seed=0) -> LlamaForCausalLM:
 
 def reference_norms(model, batches, names, drop_padding=True) -> dict[str, np.ndarray]:
     """‖X_j‖₂ of each layer's input, from forward hooks and numpy in float64."""
-    seen = {n: [] for n in names}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[n].register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].numpy().astype(np.float64)))
-        for n in names
-    ]
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    for h in handles:
-        h.remove()
-    keep = [b["attention_mask"].numpy().astype(bool) if drop_padding else np.ones(b["input_ids"].shape, bool)
-            for b in batches]
-    return {n: np.sqrt(sum((x[k] ** 2).sum(0) for x, k in zip(seen[n], keep))) for n in names}
+    return {n: np.sqrt((x**2).sum(0)) for n, x in layer_inputs(model, batches, names, drop_padding).items()}
 
 
 def reference_masks(scores: dict[str, np.ndarray], n_keep_of: tuple[int, int] | None, row_sparsity=None):
@@ -362,8 +349,8 @@ def test_sparsegpt_layer_reconstructs_better_than_magnitude_and_wanda(pattern):
     assert keep.float().mean() == 0.5
 
 
-def layer_inputs(model, batches, names) -> dict[str, np.ndarray]:
-    """Each layer's input tokens ``(tokens, in)`` over ``batches``, padding dropped, float64."""
+def layer_inputs(model, batches, names, drop_padding=True) -> dict[str, np.ndarray]:
+    """Each layer's input tokens ``(tokens, in)`` over ``batches`` (padding dropped), float64."""
     seen = {n: [] for n in names}
     modules = dict(model.named_modules())
     handles = [
@@ -375,7 +362,8 @@ def layer_inputs(model, batches, names) -> dict[str, np.ndarray]:
             model(**b)
     for h in handles:
         h.remove()
-    keep = [b["attention_mask"].numpy().astype(bool) for b in batches]
+    keep = [b["attention_mask"].numpy().astype(bool) if drop_padding else np.ones(b["input_ids"].shape, bool)
+            for b in batches]
     return {n: np.concatenate([x[k] for x, k in zip(seen[n], keep)]) for n in names}
 
 
