@@ -88,6 +88,17 @@ def block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[torch.
     return captured
 
 
+def teacher_outputs(teacher: nn.Module, batches: Sequence[dict]):
+    """Yields, for each decoder block in turn, its outputs over ``batches`` (one tensor per batch)
+    on the teacher's own stream; only the current block's inputs and outputs are held."""
+    stream = block_inputs(teacher, batches)
+    for block in decoder_layers(teacher):
+        with torch.no_grad():
+            outputs = [_block_output(block(x, **kw)) for x, kw in stream]
+        yield outputs
+        stream = [(y, kw) for y, (_, kw) in zip(outputs, stream)]
+
+
 def _mse(output: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     diff = (output.float() - target.to(output.device, torch.float32)).pow(2)
     if keep is None:
@@ -104,7 +115,7 @@ def reconstruct_blocks(
     lr: float = 1e-4,
     masks: dict[str, torch.Tensor] | None = None,
     scales_lr_ratio: float = 0.1,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Reconstruct ``student``'s decoder blocks one after the other on the teacher's block outputs
     (see the module docstring); ``batches`` are model-input dicts (``input_ids``, optional
@@ -113,7 +124,8 @@ def reconstruct_blocks(
 
     Returns ``{"steps", "lr", "batches", "mse_before": [per block], "mse_after": [per block]}``:
     each block's mean squared error to the teacher's output on its student-stream inputs, before
-    and after its ``steps`` steps (the same batches as the training; no held-out data)."""
+    and after its ``steps`` steps (the same batches as the training; no held-out data).
+    ``progress``: a progress bar over the blocks (None: tqdm's choice, on a terminal only)."""
     from .prune import resolve_masks
 
     check_reconstructible(student)
@@ -135,14 +147,13 @@ def reconstruct_blocks(
     student.eval()
     teacher.eval()
     s_stream = block_inputs(student, batches)
-    t_stream = block_inputs(teacher, batches)
     report = {"steps": steps, "lr": lr, "batches": len(batches), "mse_before": [], "mse_after": []}
     try:
         student.requires_grad_(False)
-        for i in tqdm(range(len(s_blocks)), desc="block reconstruction", leave=False, disable=not progress):
-            block, t_block = s_blocks[i], t_blocks[i]
-            with torch.no_grad():
-                targets = [_block_output(t_block(x, **kw)) for x, kw in t_stream]
+        disable = None if progress is None else not progress
+        walk = zip(s_blocks, teacher_outputs(teacher, batches))
+        for block, targets in tqdm(walk, total=len(s_blocks), desc="block reconstruction", leave=False,
+                                   disable=disable):
 
             def errors() -> float:
                 with torch.no_grad():
@@ -173,9 +184,9 @@ def reconstruct_blocks(
             del optimizer
             block.requires_grad_(False)
             report["mse_after"].append(errors())
-            with torch.no_grad():  # the next block's inputs: the reconstructed block's outputs, the teacher's
+            with torch.no_grad():  # the next block's inputs: the reconstructed block's outputs
                 s_stream = [(_block_output(block(x, **kw)).detach(), kw) for x, kw in s_stream]
-            t_stream = [(y, kw) for y, (_, kw) in zip(targets, t_stream)]
+            del targets
     finally:
         for p, flag in grads.items():
             p.requires_grad_(flag)
