@@ -13,8 +13,8 @@ For block ``i`` = 0 … L−1, over the calibration batches:
   learned scales and shifts when they have them (at ``lr × scales_lr_ratio``), norms, biases.
   Pruned weights are zeroed again after every step (``masks``, exact zeros kept).
 
-The inputs of a block (its hidden states plus whatever else the model passes it: attention
-mask, position embeddings…) are captured once with a forward pre-hook on block 0 and replayed;
+The inputs of the blocks (block 0's hidden states, and whatever else the model passes each
+block: attention mask, position embeddings…) are captured once with forward pre-hooks and replayed;
 only one block's activations are held at a time (per batch: the student's and the teacher's
 block inputs and the teacher's block outputs, ``batch × tokens × hidden`` each). The models stay
 where they are (no offloading): on one device the memory is the two models plus those three.
@@ -57,34 +57,49 @@ def check_reconstructible(student: nn.Module) -> None:
 
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch, decoder block 0's hidden-state input and the other keyword arguments the model
-    passes its blocks (attention mask, position embeddings…), from a forward stopped there."""
+def block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per batch, decoder block 0's hidden-state input and, for every block, the other keyword
+    arguments the model passes it (attention mask — per block, as models mixing sliding-window and
+    full attention differ —, position embeddings…), from one forward stopped before the last
+    block runs (no output head). The keyword tensors are the model's own, shared between blocks."""
     model = unwrap(model)
-    first = decoder_layers(model)[0]
+    blocks = decoder_layers(model)
     device = next(model.parameters()).device
-    captured: list[tuple[torch.Tensor, dict]] = []
+    captured: list[tuple[torch.Tensor, list[dict]]] = []
+    current: dict = {}
 
-    def hook(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if len(args) > 1:
-            raise ValueError(f"{type(first).__name__} takes {len(args)} positional inputs: only the hidden states "
-                             "are replayed positionally")
-        captured.append((hidden.detach(), kwargs))
-        raise _Stop
+    def hook_for(i: int):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise ValueError(f"{type(blocks[i]).__name__} takes {len(args)} positional inputs: only the hidden "
+                                 "states are replayed positionally")
+            if i == 0:
+                current["hidden"] = hidden.detach()
+            current.setdefault("kwargs", []).append(kwargs)
+            if i == len(blocks) - 1:
+                raise _Stop
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
+            current.clear()
             try:
                 model(input_ids=torch.as_tensor(batch["input_ids"], device=device),
                       attention_mask=None if mask is None else torch.as_tensor(mask, device=device), use_cache=False)
             except _Stop:
                 pass
+            if len(current.get("kwargs", ())) != len(blocks):
+                raise ValueError(f"{type(model).__name__}'s forward called {len(current.get('kwargs', ()))} of its "
+                                 f"{len(blocks)} decoder blocks once each: cannot replay them one by one")
+            captured.append((current["hidden"], current["kwargs"]))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 
@@ -92,11 +107,11 @@ def teacher_outputs(teacher: nn.Module, batches: Sequence[dict]):
     """Yields, for each decoder block in turn, its outputs over ``batches`` (one tensor per batch)
     on the teacher's own stream; only the current block's inputs and outputs are held."""
     stream = block_inputs(teacher, batches)
-    for block in decoder_layers(teacher):
+    for i, block in enumerate(decoder_layers(teacher)):
         with torch.no_grad():
-            outputs = [_block_output(block(x, **kw)) for x, kw in stream]
+            outputs = [_block_output(block(x, **kws[i])) for x, kws in stream]
         yield outputs
-        stream = [(y, kw) for y, (_, kw) in zip(outputs, stream)]
+        stream = [(y, kws) for y, (_, kws) in zip(outputs, stream)]
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -151,14 +166,14 @@ def reconstruct_blocks(
     try:
         student.requires_grad_(False)
         disable = None if progress is None else not progress
-        walk = zip(s_blocks, teacher_outputs(teacher, batches))
-        for block, targets in tqdm(walk, total=len(s_blocks), desc="block reconstruction", leave=False,
+        walk = enumerate(zip(s_blocks, teacher_outputs(teacher, batches)))
+        for i, (block, targets) in tqdm(walk, total=len(s_blocks), desc="block reconstruction", leave=False,
                                    disable=disable):
 
             def errors() -> float:
                 with torch.no_grad():
-                    return sum(float(_mse(_block_output(block(x, **kw)), y, k))
-                               for (x, kw), y, k in zip(s_stream, targets, keeps)) / len(batches)
+                    return sum(float(_mse(_block_output(block(x, **kws[i])), y, k))
+                               for (x, kws), y, k in zip(s_stream, targets, keeps)) / len(batches)
 
             report["mse_before"].append(errors())
             block.requires_grad_(True)
@@ -171,8 +186,8 @@ def reconstruct_blocks(
             optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
             for step in range(steps):
                 j = step % len(batches)
-                x, kw = s_stream[j]
-                loss = _mse(_block_output(block(x, **kw)), targets[j], keeps[j])
+                x, kws = s_stream[j]
+                loss = _mse(_block_output(block(x, **kws[i])), targets[j], keeps[j])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -185,7 +200,7 @@ def reconstruct_blocks(
             block.requires_grad_(False)
             report["mse_after"].append(errors())
             with torch.no_grad():  # the next block's inputs: the reconstructed block's outputs
-                s_stream = [(_block_output(block(x, **kw)).detach(), kw) for x, kw in s_stream]
+                s_stream = [(_block_output(block(x, **kws[i])).detach(), kws) for x, kws in s_stream]
             del targets
     finally:
         for p, flag in grads.items():
