@@ -91,8 +91,20 @@ def test_only_the_current_block_trains(monkeypatch):
     assert {n: p.requires_grad for n, p in student.named_parameters()} == grads
 
 
-def test_teacher_targets_are_its_block_outputs_in_a_full_forward():
-    teacher = make_model(layers=3).eval()
+def mixed_attention_model():
+    """A Qwen3 whose blocks alternate full and sliding-window attention: each block gets its own mask."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, use_sliding_window=True, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention", "full_attention"], pad_token_id=0))
+
+
+@pytest.mark.parametrize("build", [lambda: make_model(layers=3), mixed_attention_model], ids=["llama", "mixed"])
+def test_teacher_targets_are_its_block_outputs_in_a_full_forward(build):
+    teacher = build().eval()
     data = batches()
     walked = list(teacher_outputs(teacher, data))
     assert len(walked) == 3
