@@ -182,3 +182,28 @@ def test_off_by_default_and_refused_where_it_cannot_run(tiny, tmp_path):  # noqa
         RecoveryArguments(degradation="forgetting", forgetting_mode="prevent", block_reconstruction=True)
     with pytest.raises(ValueError, match="weight-only"):
         RecoveryArguments(quant_activations="int8", block_reconstruction=True)
+
+
+def test_pruned_recovery_job_keeps_exact_sparsity_through_the_phase(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    import hf_sdft.recover as job
+    from hf_sdft.compress.prune import masks_from_zeros
+
+    original = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    masks = prune(copy.deepcopy(original), sparsity=0.5)  # the job's magnitude masks, made here too
+    seen = {}
+    real_train = job.train
+
+    def train(student, *args):  # the student as the phase left it (training re-applies masks itself)
+        seen["phase"] = masks_from_zeros(student.model)
+        return real_train(student, *args)
+
+    monkeypatch.setattr(job, "train", train)
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--block_reconstruction", "true",
+                       "--block_reconstruction_steps", "4", "--block_reconstruction_lr", "1e-2", "--max_steps", "2")
+    assert stats["block_reconstruction"]["ran"] is True
+    saved = masks_from_zeros(AutoModelForCausalLM.from_pretrained(tmp_path))
+    for name, mask in masks.items():
+        assert torch.equal(seen["phase"][name], mask), name
+        assert torch.equal(saved[name], mask), name
