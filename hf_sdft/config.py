@@ -272,7 +272,20 @@ class RecoveryArguments:
     prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
     prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
     calibration_blocks: int = field(
-        default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales / the clipping search."})
+        default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales / the clipping search "
+                              "/ block reconstruction."})
+    block_reconstruction: bool = field(
+        default=False,
+        metadata={"help": "Before end-to-end training, train each decoder block of the student alone on the teacher's "
+                  "block output over the calibration_blocks (EfficientQAT's Block-AP); off by default, not "
+                  "benchmarked yet. Skipped when resuming from a checkpoint."},
+    )
+    block_reconstruction_steps: int = field(
+        default=100, metadata={"help": "AdamW steps per decoder block of the block reconstruction (one batch of "
+                               "4 calibration blocks a step, cycling)."})
+    block_reconstruction_lr: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the block reconstruction (learned quantization scales: "
+                                "× quant_scales_lr_ratio)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
     dataset_config_name: str | None = None
     dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})
@@ -326,6 +339,17 @@ class RecoveryArguments:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{name}={path} does not exist")
+        if self.block_reconstruction_steps < 1 or self.block_reconstruction_lr <= 0:
+            raise ValueError(f"block_reconstruction_steps={self.block_reconstruction_steps} must be at least 1 and "
+                             f"block_reconstruction_lr={self.block_reconstruction_lr} positive")
+        if self.block_reconstruction and self.degradation == "forgetting" and self.student_name_or_path is None \
+                and self.forgetting_mode != "recover":
+            raise ValueError(f"block_reconstruction reconstructs the degraded student, which forgetting_mode "
+                             f"{self.forgetting_mode} does not train (it starts from the original): use recover")
+        if self.block_reconstruction and self.quant_activations is not None and self.student_name_or_path is None \
+                and self.degradation == "quanto":
+            raise ValueError("block_reconstruction needs weight-only quantization (FakeQuantLinear): quantized "
+                             "activations (quant_activations) have no straight-through gradient here")
         if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
 

@@ -1,6 +1,6 @@
 """The recovery job, ``hf-sdft recover``: a pipeline of named steps.
 
-    load → student → measure → train → measure → save → card
+    load → student → measure → [block reconstruction → measure] → train → measure → save → card
 
 Each step's pieces live in their own module: arguments in :mod:`hf_sdft.config`, data in
 :mod:`hf_sdft.data`, the student (your own or degraded here, LoRA, saving) in
@@ -21,18 +21,21 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
 
 from .callbacks import CKACallback
 from .cards import STATS_FILE, push_recovered, write_card
 from .config import RecoveryArguments, SDFTConfig
 from .data import RecoveryData, default_model_path, load_recovery_data
-from .distributed import wait_for_everyone
+from .distributed import progress_disabled, wait_for_everyone
 from .evaluation import measure
 from .stats import build_stats, downstream_scores
 from .student import Student, add_lora, degraded_student, finish_training, model_folder, own_student, save_student
 from .teacher import from_pretrained
 from .training import make_trainer, sft_on_narrow
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -105,13 +108,39 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     # the recovered student (with its card) is pushed once at the end, never the checkpoints
     trainer = make_trainer(student.model, dataclasses.replace(args, push_to_hub=False),
                            None if rec.teacher_cache else teacher, train_data, original.tokenizer, data.fmt, callbacks)
-    resume = args.resume_from_checkpoint
-    if resume is None and Path(args.output_dir).is_dir():
-        resume = get_last_checkpoint(args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
     finish_training(student, lora_added)
     return trainer
+
+
+def resume_checkpoint(args: SDFTConfig):
+    """The checkpoint training resumes from: ``resume_from_checkpoint``, else the last one in
+    ``output_dir`` (None when there is none)."""
+    resume = args.resume_from_checkpoint
+    if resume is None and Path(args.output_dir).is_dir():
+        resume = get_last_checkpoint(args.output_dir)
+    return resume
+
+
+def reconstruct(student: Student, original: Original, rec: RecoveryArguments, args: SDFTConfig) -> dict | None:
+    """Step 3b (``block_reconstruction``): each decoder block of the student trained alone on the
+    teacher's block output over the calibration blocks
+    (:func:`~hf_sdft.compress.reconstruct.reconstruct_blocks`); None when off. Skipped when
+    training resumes from a checkpoint, whose weights already went past this phase."""
+    if not rec.block_reconstruction:
+        return None
+    resume = resume_checkpoint(args)
+    if resume:
+        logger.warning(f"block reconstruction skipped: training resumes from {resume}, past this phase")
+        return {"ran": False, "skipped": f"resumed from {Path(str(resume)).name}"}
+    from .compress.reconstruct import reconstruct_blocks
+
+    report = reconstruct_blocks(student.model, original.model, original.data.calibration(rec.calibration_blocks),
+                                steps=rec.block_reconstruction_steps, lr=rec.block_reconstruction_lr,
+                                masks=student.masks, scales_lr_ratio=args.quant_scales_lr_ratio,
+                                progress=False if args.disable_tqdm or progress_disabled() else None)
+    return {"ran": True, "calibration_blocks": rec.calibration_blocks, **report}
 
 
 def rewritten_narrow_task(original: Original, rec: RecoveryArguments, args: SDFTConfig):
@@ -150,11 +179,18 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     original.model.requires_grad_(False).eval()
     before = measure(student.model, original.model, original.data)
     scores = downstream_scores(rec, original.tokenizer, {"teacher": original.model, "degraded": student.model})
+    blocks = reconstruct(student, original, rec, args)
+    after_blocks = measure(student.model, original.model, original.data) if blocks and blocks["ran"] else None
     trainer = train(student, original, rec, args, model_args)
     after = measure(student.model, original.model, original.data)
     scores |= downstream_scores(rec, original.tokenizer, {"recovered": student.model})
     stats = build_stats(rec, args, model_args, original.path, student, teacher_figures, before, after, trainer,
                         scores, time.time() - started)
+    if blocks is not None:
+        stats["block_reconstruction"] = blocks
+        if after_blocks is not None:
+            stats["perplexity"]["after_blocks"] = after_blocks["ppl"]
+            stats["cka"]["mean_after_blocks"] = after_blocks["cka_mean"]
     if args.should_save:
         stats["format"], stats["loading_code"] = save_student(student, original.tokenizer, args.output_dir)
         Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=2))

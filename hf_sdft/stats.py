@@ -70,6 +70,7 @@ def format_table(stats: dict) -> str:
     rows = [
         ("teacher perplexity", f"{ppl['teacher']:.3f}"),
         ("degraded perplexity", f"{ppl['degraded']:.3f}"),
+        *([("after block reconstruction", f"{ppl['after_blocks']:.3f}")] if "after_blocks" in ppl else []),
         ("recovered perplexity", f"{ppl['recovered']:.3f}"),
         ("recovery ratio R", "n/a (nothing lost)" if r is None else f"{r:.3f}"),
         ("mean CKA before", f"{cka['mean_before']:.4f}"),
