@@ -44,12 +44,13 @@ def _block_output(output):
 
 def check_reconstructible(student: nn.Module) -> None:
     """Raise when ``student`` cannot be reconstructed block by block (see the module docstring)."""
-    from optimum.quanto import QModuleMixin
+    from .fake_quant import FakeQuantLinear
+    from .quantize import quantized_modules  # every quanto call stays in quantize.py
 
     if is_peft(student):
         raise ValueError("block reconstruction trains the student's own weights: it cannot run on a PEFT-wrapped "
                          "student (its base is frozen under the adapters); turn block_reconstruction off")
-    quanto = [name for name, m in unwrap(student).named_modules() if isinstance(m, QModuleMixin)]
+    quanto = [name for name, m in quantized_modules(unwrap(student)).items() if not isinstance(m, FakeQuantLinear)]
     if quanto:
         raise ValueError(f"block reconstruction needs weight-only fake quantization (FakeQuantLinear); {quanto[0]} "
                          f"and {len(quanto) - 1} more are quanto layers (quantized activations or frozen integer "
