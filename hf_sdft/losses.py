@@ -491,15 +491,16 @@ def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_wei
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
+    labelled = None if flat_labels is None else flat_labels != -100
     if mask is not None:
         kd_rows = mask.reshape(-1).bool()
-    elif flat_labels is not None:
-        kd_rows = flat_labels != -100
+    elif labelled is not None:
+        kd_rows = labelled
     else:
         kd_rows = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
     kd_count = kd_rows.sum()
-    ce_count = None if flat_labels is None else (flat_labels != -100).sum()
-    keep = kd_rows if flat_labels is None else kd_rows | (flat_labels != -100)
+    ce_count = None if labelled is None else labelled.sum()
+    keep = kd_rows if labelled is None else kd_rows | labelled
     kept = keep.nonzero()[:, 0]  # the call's one host sync: rows nobody supervises cost nothing
     if kept.numel() < keep.numel():
         hs, ht, kd_rows = hs.index_select(0, kept), ht.index_select(0, kept.to(ht.device)), kd_rows.index_select(0, kept)

@@ -50,7 +50,6 @@ from .teacher import (
 )
 
 logger = logging.get_logger(__name__)
-QUANT_SCALE_NAMES = ("weight_scale", "weight_shift")  # FakeQuantLinear's learned grid
 TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "attention_mask",
                   "teacher_position_ids": "position_ids"}  # on-policy batches: the teacher's own sequence
 NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
@@ -73,11 +72,13 @@ class SDFTMixin:
         (:meth:`~hf_sdft.compress.fake_quant.FakeQuantLinear.hold_scales`) in a group of their own:
         learning rate × ``quant_scales_lr_ratio``, no weight decay (the scheduler scales it alike).
         An optimizer passed to the Trainer is left as it is."""
+        from .compress.fake_quant import is_scale_parameter  # here: importing compress loads quanto
+
         given = self.optimizer is not None
         optimizer = super().create_optimizer(model)
         ratio = getattr(self.args, "quant_scales_lr_ratio", 1.0)
         scales = {id(p) for n, p in (model or self.model).named_parameters()
-                  if p.requires_grad and n.endswith(QUANT_SCALE_NAMES)}
+                  if p.requires_grad and is_scale_parameter(n)}
         if given or not scales or not hasattr(optimizer, "param_groups"):
             return optimizer
         moved = []

@@ -60,6 +60,15 @@ def check_quant(bits: int, group_size: int | None, in_features: int, out_feature
                          "which is not reproduced here; exclude it")
 
 
+SCALE_NAMES = ("weight_scale", "weight_shift")  # a FakeQuantLinear's held grid (parameters when learned)
+
+
+def is_scale_parameter(name: str) -> bool:
+    """Whether the parameter named ``name`` (e.g. ``model.layers.0.mlp.up_proj.weight_scale``) is a
+    held quantization scale or shift, which the trainers put in an optimizer group of its own."""
+    return name.rsplit(".", 1)[-1] in SCALE_NAMES
+
+
 def code_range(bits: int) -> tuple[int, int]:
     """The integer codes of ``bits``: ``(-128, 127)`` for int8, ``(0, 2^bits - 1)`` for int4 / int2."""
     return (-INT8_QMAX - 1, INT8_QMAX) if bits == 8 else (0, 2**bits - 1)
@@ -115,17 +124,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
     with ``scale`` (and ``shift`` for int4 / int2) the codes are :func:`codes_with` that grid's."""
     if scale is not None:
         return codes_with(weight, bits, group_size, scale, shift), scale, shift
-    if bits == 8:
-        scale = weight.abs().amax(dim=1, keepdim=True) / INT8_QMAX
-        codes = torch.clamp(torch.round(weight / scale), -INT8_QMAX - 1, INT8_QMAX)
-        return torch.nan_to_num(codes, nan=0.0), scale, None
-    grouped = weight.reshape(-1, group_size) if group_size is not None else weight
-    low = grouped.amin(dim=1, keepdim=True)
-    high = grouped.amax(dim=1, keepdim=True)
-    scale = (high - low) / (2**bits - 1)
-    shift = -low
-    codes = torch.clamp(torch.round((grouped + shift) / scale), 0, 2**bits - 1)
-    return torch.nan_to_num(codes, nan=0.0), scale, shift
+    scale, shift = minmax_scales(weight, bits, group_size)
+    grouped = _grouped(weight, group_size)
+    codes = torch.clamp(torch.round((grouped if shift is None else grouped + shift) / scale), *code_range(bits))
+    return torch.nan_to_num(codes, nan=0.0), scale, shift  # a constant group's 0 / 0: code 0, as quanto's
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
@@ -220,7 +222,7 @@ class FakeQuantLinear(nn.Linear):
             raise ValueError(f"int{self.bits} scale / shift of shape ({rows}, 1) expected (shift None for int8), "
                              f"got {tuple(scale.shape)} / {None if shift is None else tuple(shift.shape)}")
         like = self.weight
-        for name, value in (("weight_scale", scale), ("weight_shift", shift)):
+        for name, value in zip(SCALE_NAMES, (scale, shift)):
             if name in self._parameters:
                 del self._parameters[name]
             if name in self._buffers:

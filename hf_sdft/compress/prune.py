@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .base import Degradation, register_degradation
+from .calibration import StopForward, layer_tokens, run_calibration
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSEGPT_BLOCK = 128  # columns per lazy-update block
@@ -85,17 +86,12 @@ def _input_norms(
 ) -> dict[str, torch.Tensor]:
     """‖X_j‖₂ ``(in,)`` of each layer's inputs over the calibration tokens, padding excluded."""
     sums = {name: torch.zeros(m.in_features, device=m.weight.device) for name, m in layers.items()}
-    tokens: dict = {"mask": None}
+    tokens: dict = {}
 
     def accumulate(name: str, module: nn.Module, args: tuple) -> None:
-        sums[name] += _tokens(args[0], tokens).float().pow(2).sum(0).to(sums[name].device)
+        sums[name] += layer_tokens(args[0], tokens).float().pow(2).sum(0).to(sums[name].device)
 
-    handles = [m.register_forward_pre_hook(partial(accumulate, name)) for name, m in layers.items()]
-    try:
-        _run_calibration(model, calibration, tokens)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, calibration, tokens, [(m, partial(accumulate, name)) for name, m in layers.items()])
     return {name: s.sqrt() for name, s in sums.items()}
 
 
@@ -177,45 +173,12 @@ def sparsegpt_layer(
     return wt.T.contiguous(), keep.T.contiguous()
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a calibration forward early."""
-
-
 def _block_of(name: str) -> str:
     """The decoder block a layer belongs to: its name up to the first numeric part
     (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); its own name if none."""
     parts = name.split(".")
     digit = next((i for i, p in enumerate(parts) if p.isdigit()), None)
     return name if digit is None else ".".join(parts[: digit + 1])
-
-
-def _run_calibration(model: nn.Module, calibration: Sequence[dict], tokens: dict) -> None:
-    """Forward every calibration batch (eval mode, no grad); ``tokens["mask"]`` holds the batch's
-    non-padding tokens ``(B, T)`` (or None) for the hooks; a hook may end a forward with :class:`_Stop`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in calibration:
-                mask = batch.get("attention_mask")
-                mask = None if mask is None else torch.as_tensor(mask, device=device)
-                tokens["mask"] = None if mask is None else mask.bool()
-                tokens["seen"] = set()
-                try:
-                    model(input_ids=torch.as_tensor(batch["input_ids"], device=device), attention_mask=mask)
-                except _Stop:
-                    pass
-    finally:
-        model.train(was_training)
-
-
-def _tokens(x: torch.Tensor, tokens: dict) -> torch.Tensor:
-    """A layer's input ``(..., in)`` as ``(tokens, in)``, padding dropped."""
-    x = x.detach()
-    if tokens.get("mask") is not None and x.shape[:-1] == tokens["mask"].shape:
-        x = x[tokens["mask"]]
-    return x.reshape(-1, x.shape[-1])
 
 
 def _sparsegpt_model(
@@ -225,18 +188,13 @@ def _sparsegpt_model(
     """SparseGPT over ``layers``, sequentially block by block as in the paper: the layers of a decoder
     block (:func:`_block_of`) get their Hessians from one calibration pass through the model whose
     earlier blocks are already pruned, the pass stopping at the next block's first layer."""
-    tokens: dict = {"mask": None, "seen": set()}
+    tokens: dict = {}  # per batch: the padding mask and the layers already seen
     order: dict[str, int] = {}
 
     def first_call(name: str, module: nn.Module, args: tuple) -> None:
         order.setdefault(name, len(order))
 
-    handles = [m.register_forward_pre_hook(partial(first_call, name)) for name, m in layers.items()]
-    try:
-        _run_calibration(model, calibration[:1], tokens)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, calibration[:1], tokens, [(m, partial(first_call, name)) for name, m in layers.items()])
     missing = [name for name in layers if name not in order]
     if missing:
         raise ValueError(f"sparsegpt: {missing} not called by the model's forward on the calibration batches")
@@ -251,23 +209,18 @@ def _sparsegpt_model(
         counts = dict.fromkeys(group, 0)
 
         def accumulate(name: str, module: nn.Module, args: tuple) -> None:
-            x = _tokens(args[0], tokens).to(hessians[name].device, torch.float32)
+            x = layer_tokens(args[0], tokens).to(hessians[name].device, torch.float32)
             hessians[name].addmm_(x.T, x)
             counts[name] += x.shape[0]
-            tokens["seen"].add(name)
+            tokens.setdefault("seen", set()).add(name)
 
         def stop(module: nn.Module, args: tuple) -> None:
-            if tokens["seen"].issuperset(group):
-                raise _Stop
+            if tokens.get("seen", set()).issuperset(group):
+                raise StopForward
 
         later = [n for rest in groups[g + 1 :] for n in rest]
-        handles = [layers[n].register_forward_pre_hook(partial(accumulate, n)) for n in group]
-        handles += [layers[n].register_forward_pre_hook(stop) for n in later]
-        try:
-            _run_calibration(model, calibration, tokens)
-        finally:
-            for h in handles:
-                h.remove()
+        run_calibration(model, calibration, tokens,
+                        [(layers[n], partial(accumulate, n)) for n in group] + [(layers[n], stop) for n in later])
         with torch.no_grad():
             for name in group:
                 weight = layers[name].weight

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import Degradation, register_degradation
+from .calibration import layer_tokens, run_calibration
 from .fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
@@ -107,32 +108,16 @@ def calibration_inputs(model: nn.Module, layers: dict[str, nn.Module], calibrati
     the batches (the same tokens for every layer), in float32 on the layer's device."""
     per_batch = -(-max_tokens // len(calibration))
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    state: dict = {"keep": None, "pick": None}
+    state: dict = {}  # per batch: its padding mask and the tokens drawn from it
 
     def capture(name: str, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        if state["keep"] is not None and x.shape[:-1] == state["keep"].shape:
-            x = x[state["keep"]]
-        x = x.reshape(-1, x.shape[-1])
-        if state["pick"] is None or state["pick"][0] != x.shape[0]:
+        x = layer_tokens(args[0], state)
+        if state.get("pick") is None or state["pick"][0] != x.shape[0]:
             g = torch.Generator().manual_seed(seed + len(kept[name]))
             state["pick"] = (x.shape[0], torch.randperm(x.shape[0], generator=g)[:per_batch].sort().values)
         kept[name].append(x[state["pick"][1].to(x.device)].float())
 
-    handles = [m.register_forward_pre_hook(partial(capture, name)) for name, m in layers.items()]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in calibration:
-            mask = batch.get("attention_mask")
-            mask = None if mask is None else torch.as_tensor(mask, device=device)
-            state["keep"], state["pick"] = (None if mask is None else mask.bool()), None
-            model(input_ids=torch.as_tensor(batch["input_ids"], device=device), attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_calibration(model, calibration, state, [(m, partial(capture, name)) for name, m in layers.items()])
     return {name: torch.cat(xs)[:max_tokens] for name, xs in kept.items()}
 
 

@@ -32,10 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..teacher import decoder_layers, is_peft, unwrap
-
-
-class _Stop(Exception):
-    """Ends a forward once block 0's inputs are captured."""
+from .calibration import StopForward
+from .fake_quant import is_scale_parameter
 
 
 def _block_output(output):
@@ -80,7 +78,7 @@ def block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[torch.
                 current["hidden"] = hidden.detach()
             current.setdefault("kwargs", []).append(kwargs)
             if i == len(blocks) - 1:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -92,7 +90,7 @@ def block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[torch.
             try:
                 model(input_ids=torch.as_tensor(batch["input_ids"], device=device),
                       attention_mask=None if mask is None else torch.as_tensor(mask, device=device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
             if len(current.get("kwargs", ())) != len(blocks):
                 raise ValueError(f"{type(model).__name__}'s forward called {len(current.get('kwargs', ()))} of its "
@@ -179,8 +177,8 @@ def reconstruct_blocks(
             report["mse_before"].append(errors())
             block.requires_grad_(True)
             named = [(n, p) for n, p in block.named_parameters() if p.is_floating_point()]
-            scales = [p for n, p in named if n.rsplit(".", 1)[-1] in ("weight_scale", "weight_shift")]
-            rest = [p for n, p in named if n.rsplit(".", 1)[-1] not in ("weight_scale", "weight_shift")]
+            scales = [p for n, p in named if is_scale_parameter(n)]
+            rest = [p for n, p in named if not is_scale_parameter(n)]
             groups = [{"params": rest, "lr": lr}]
             if scales:
                 groups.append({"params": scales, "lr": lr * scales_lr_ratio})
