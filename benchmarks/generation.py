@@ -30,7 +30,7 @@ from common import RESULTS, command, parse_and_load
 from recovery import MODELS
 
 from hf_sdft.cli import _recipe_parser
-from hf_sdft.recover import run_recovery
+from hf_sdft.jobs.recover import run_recovery
 
 BUDGET = [
     "--max_steps", "100", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",

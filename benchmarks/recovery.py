@@ -32,12 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import RESULTS, ROOT, command, parse_and_load
 
 from hf_sdft.cli import _recipe_parser
-from hf_sdft.evaluation import measure, recovery_ratio
-from hf_sdft.recover import load, make_student, run_recovery
+from hf_sdft.jobs.evaluation import measure, recovery_ratio
+from hf_sdft.jobs.recover import load, make_student, run_recovery
 
 SECOND = ROOT / "tests" / "assets" / "second_model"
 TARGETS = {"quanto-int2": 0.7, "prune-50": 0.8, "prune-2of4": 0.6, "forgetting": 0.9}

@@ -32,16 +32,23 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
 from common import RESULTS, ROOT, bare_loss
+from datasets import load_from_disk
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
-from hf_sdft.config import RecoveryArguments, RecoveryConfig
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
-from hf_sdft.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
-from hf_sdft.teacher_cache import cache_teacher
+from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
+from hf_sdft.trainer.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
+from hf_sdft.trainer.teacher_cache import cache_teacher
 
 HIDDEN, VOCAB = 1024, 151_936
 CONFIGS = {  # name: SDFT fields (None: plain Trainer CE)
@@ -227,7 +234,7 @@ def part_step_memory(a) -> dict:
 
 def part_cache(a) -> dict:
     from hf_sdft.cli import _recipe_parser, main
-    from hf_sdft.recover import run_recovery
+    from hf_sdft.jobs.recover import run_recovery
 
     work = Path(tempfile.mkdtemp())
     budget = ["--config", "recipes/prune-50.yaml", "--learning_rate", "1e-3", "--max_steps", str(a.cache_steps),

@@ -21,8 +21,8 @@ from common import RESULTS, command, parse_and_load
 from recovery import MODELS
 
 from hf_sdft.cli import _recipe_parser
-from hf_sdft.study import StudyArguments, run_study
-from hf_sdft.study_report import analyse, report_markdown
+from hf_sdft.jobs.study import StudyArguments, run_study
+from hf_sdft.jobs.study_report import analyse, report_markdown
 
 FIGURES = RESULTS / "study"
 RECIPES = ("quanto-int4", "prune-50", "forgetting")

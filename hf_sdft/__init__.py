@@ -1,11 +1,12 @@
 """hf-sdft: recover degraded LLMs by self-distillation from their original, and track
 student↔teacher hidden-layer alignment with CKA."""
 
-from .callbacks import CKACallback, cka_history, measure_cka
-from .cka import MinibatchCKA, linear_cka, rbf_cka
-from .config import SDFTConfig, SDFTSFTConfig
-from .losses import distillation_loss
-from .trainer import SDFTSFTTrainer, SDFTTrainer
+from hf_sdft.cka.callback import CKACallback
+from hf_sdft.cka.measure import cka_history, measure_cka
+from hf_sdft.cka.metric import MinibatchCKA, linear_cka, rbf_cka
+from hf_sdft.trainer.config import SDFTConfig, SDFTSFTConfig
+from hf_sdft.trainer.losses import distillation_loss
+from hf_sdft.trainer.sdft_trainer import SDFTSFTTrainer, SDFTTrainer
 
 __version__ = "0.1.0"
 __all__ = [

@@ -35,14 +35,14 @@ def _recipe_parser(*extra):
     """A recipe's dataclasses (job, training, TRL model fields), then any ``extra`` ones."""
     from trl import ModelConfig, TrlParser
 
-    from .config import RecoveryArguments, RecoveryConfig
+    from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
 
     return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig, *extra))
 
 
 def cmd_recover(argv: list[str]) -> dict:
-    from .recover import run_recovery
-    from .stats import format_table
+    from hf_sdft.jobs.recover import run_recovery
+    from hf_sdft.jobs.stats import format_table
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     stats = run_recovery(rec, args, model_args)
@@ -53,8 +53,8 @@ def cmd_recover(argv: list[str]) -> dict:
 
 
 def cmd_degrade(argv: list[str]) -> None:
-    from .recover import load
-    from .student import degraded_student, save_student
+    from hf_sdft.compress.student import save_student
+    from hf_sdft.jobs.recover import degraded_student, load
 
     rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     original = load(rec, args, model_args)
@@ -67,8 +67,8 @@ def cmd_degrade(argv: list[str]) -> None:
 def cmd_cache_teacher(argv: list[str]) -> dict:
     import torch
 
-    from .recover import load
-    from .teacher_cache import CacheArguments, cache_teacher
+    from hf_sdft.jobs.recover import load
+    from hf_sdft.trainer.teacher_cache import CacheArguments, cache_teacher
 
     rec, args, model_args, cache = _recipe_parser(CacheArguments).parse_args_and_config(argv)
     original = load(rec, args, model_args)
@@ -83,7 +83,7 @@ def cmd_cache_teacher(argv: list[str]) -> dict:
 
 
 def cmd_study(argv: list[str]) -> dict:
-    from .study import StudyArguments, run_study
+    from hf_sdft.jobs.study import StudyArguments, run_study
 
     rec, args, model_args, study = _recipe_parser(StudyArguments).parse_args_and_config(argv)
     result = run_study(rec, args, model_args, study)
@@ -96,9 +96,9 @@ def cmd_study(argv: list[str]) -> dict:
 def cmd_rewrite(argv: list[str]) -> dict:
     from transformers import AutoTokenizer, HfArgumentParser
 
-    from .data import default_model_path
-    from .rewrite import RewriteArguments, rewrite_file
-    from .student import load_model, model_folder
+    from hf_sdft.compress.student import load_model, model_folder
+    from hf_sdft.data import default_model_path
+    from hf_sdft.jobs.rewrite import RewriteArguments, rewrite_file
 
     (a,) = HfArgumentParser(RewriteArguments).parse_args_into_dataclasses(argv)
     if a.train_file is None or a.output_file is None:
@@ -114,10 +114,10 @@ def cmd_rewrite(argv: list[str]) -> dict:
 def cmd_eval(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
-    from .callbacks import measure_cka, per_layer
-    from .data import data_format, default_data_file, held_out, load_examples
-    from .evaluation import perplexity
-    from .student import load_model, model_folder
+    from hf_sdft.cka.measure import measure_cka, per_layer
+    from hf_sdft.compress.student import load_model, model_folder
+    from hf_sdft.data import data_format, default_data_file, held_out, load_examples
+    from hf_sdft.jobs.evaluation import perplexity
 
     p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity, per-layer CKA and lm-eval task "
                                 "scores of a student vs its teacher.")
@@ -144,7 +144,7 @@ def cmd_eval(argv: list[str]) -> dict:
         "cka_mean": float(cka.mean()),
     }
     if a.tasks:
-        from .downstream import evaluate_tasks
+        from hf_sdft.jobs.downstream import evaluate_tasks
 
         result["downstream"] = {name: evaluate_tasks(model, tokenizer, a.tasks, limit=a.limit)
                                 for name, model in (("student", student), ("teacher", teacher))}
@@ -153,7 +153,7 @@ def cmd_eval(argv: list[str]) -> dict:
 
 
 def cmd_card(argv: list[str]):
-    from .cards import cmd_card as build
+    from hf_sdft.jobs.cards import cmd_card as build
 
     return build(argv)
 

@@ -339,7 +339,7 @@ class RecoveryData:
 
 def load_recovery_data(rec, tokenizer, default_model: bool, teacher_template: str | None = None) -> RecoveryData:
     """The training, held-out and (when ``rec`` names one or degrades by forgetting) narrow-task
-    data of a recovery run; ``rec`` is a :class:`~hf_sdft.config.RecoveryArguments`. Unset sources
+    data of a recovery run; ``rec`` is a :class:`~hf_sdft.jobs.config.RecoveryArguments`. Unset sources
     fall back to the data shipped with the embedded default model (``rec.default_data``). With
     ``teacher_template`` the chat training sets carry the demonstration teacher's prompts."""
     defaults = dict(zip(("train", "eval", "narrow_train", "narrow_eval"), DEFAULT_SPLITS[rec.default_data]))

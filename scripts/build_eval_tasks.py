@@ -11,7 +11,7 @@ from *other* documents. Everything is seeded, so rebuilding gives the same files
     python scripts/build_eval_tasks.py --input my_corpus.jsonl --name mycorpus   # sdft_mycorpus_nextline
 
 writes ``hf_sdft/eval_tasks/sdft_<name>_nextline.{jsonl,yaml}``; the new task is then
-available to ``hf_sdft.downstream.evaluate_tasks`` (and to ``lm_eval --include_path
+available to ``hf_sdft.jobs.downstream.evaluate_tasks`` (and to ``lm_eval --include_path
 hf_sdft/eval_tasks``) by name. Use a held-out text the model never trained on.
 """
 

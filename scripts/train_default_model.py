@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 import torch
+from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "hf_sdft" / "default_model"

@@ -60,13 +60,11 @@ import time
 from pathlib import Path
 
 import torch
+from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from hf_sdft.data import read_txt
-from tiny_lm import mean_loss, narrow_chat, pack, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "tests" / "assets" / "second_model"

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2`:
+"""Run by tests/trainer/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2`:
 measures CKA and perplexity with every rank taking part, rank 0 writes the result."""
 
 import json
@@ -8,8 +8,8 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
-from hf_sdft.callbacks import measure_cka
-from hf_sdft.evaluation import perplexity
+from hf_sdft.cka.measure import measure_cka
+from hf_sdft.jobs.evaluation import perplexity
 
 
 def main(student_dir: str, teacher_dir: str, batches_file: str, out_file: str) -> None:

@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py: a few SDFTTrainer steps on the tiny model, under
+"""Run by tests/trainer/test_fsdp.py: a few SDFTTrainer steps on the tiny model, under
 `accelerate launch --use_fsdp --fsdp_version 2` (two gloo CPU ranks) or in one plain process;
 rank 0 writes the logged losses and how the teacher was prepared."""
 
@@ -11,7 +11,6 @@ from torch.distributed.tensor import DTensor
 
 from hf_sdft import SDFTConfig, SDFTTrainer
 from hf_sdft.data import pack_blocks
-
 from tests.helpers import cpu_args, make_model, make_texts, make_tokenizer, perturb
 
 

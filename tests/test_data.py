@@ -9,7 +9,6 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from hf_sdft.config import RecoveryArguments
 from hf_sdft.data import (
     as_batches,
     default_data_file,
@@ -21,7 +20,8 @@ from hf_sdft.data import (
     read_txt,
     tokenize_examples,
 )
-from hf_sdft.evaluation import perplexity
+from hf_sdft.jobs.config import RecoveryArguments
+from hf_sdft.jobs.evaluation import perplexity
 
 from .helpers import cpu_args, make_model, make_tokenizer
 

@@ -4,7 +4,7 @@ the float weight. No compiled kernel, no JIT build, no optimum-quanto import: a 
 over the weight at every forward, on any device, under autocast (``F.linear`` casts the rounded
 weight like any other).
 
-The grid is optimum-quanto 0.2.7's, value for value (tests/test_fake_quant.py checks it against
+The grid is optimum-quanto 0.2.7's, value for value (tests/compress/test_fake_quant.py checks it against
 quanto's ``dequantize()``), so a student trained here and saved in quanto's format
 (:mod:`hf_sdft.compress.quantize`) computes what was trained:
 

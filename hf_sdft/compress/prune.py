@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .base import Degradation, register_degradation
-from .calibration import StopForward, layer_tokens, run_calibration
+from hf_sdft.compress.base import Degradation, register_degradation
+from hf_sdft.compress.calibration import StopForward, layer_tokens, run_calibration
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSEGPT_BLOCK = 128  # columns per lazy-update block

@@ -32,9 +32,9 @@ from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import Degradation, register_degradation
-from .calibration import layer_tokens, run_calibration
-from .fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
+from hf_sdft.compress.base import Degradation, register_degradation
+from hf_sdft.compress.calibration import layer_tokens, run_calibration
+from hf_sdft.compress.fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
 ACTIVATION_TYPES = {"int8": qint8, "fp8": qfloat8}

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..teacher import decoder_layers, is_peft, unwrap
-from .calibration import StopForward
-from .fake_quant import is_scale_parameter
+from hf_sdft.compress.calibration import StopForward
+from hf_sdft.compress.fake_quant import is_scale_parameter
+from hf_sdft.modeling import decoder_layers, is_peft, unwrap
 
 
 def _block_output(output):
@@ -42,8 +42,8 @@ def _block_output(output):
 
 def check_reconstructible(student: nn.Module) -> None:
     """Raise when ``student`` cannot be reconstructed block by block (see the module docstring)."""
-    from .fake_quant import FakeQuantLinear
-    from .quantize import quantized_modules  # every quanto call stays in quantize.py
+    from hf_sdft.compress.fake_quant import FakeQuantLinear
+    from hf_sdft.compress.quantize import quantized_modules  # every quanto call stays in quantize.py
 
     if is_peft(student):
         raise ValueError("block reconstruction trains the student's own weights: it cannot run on a PEFT-wrapped "
@@ -140,7 +140,7 @@ def reconstruct_blocks(
     each block's mean squared error to the teacher's output on its student-stream inputs, before
     and after its ``steps`` steps (the same batches as the training; no held-out data).
     ``progress``: a progress bar over the blocks (None: tqdm's choice, on a terminal only)."""
-    from .prune import resolve_masks
+    from hf_sdft.compress.prune import resolve_masks
 
     check_reconstructible(student)
     if not batches:

@@ -4,8 +4,9 @@
 import evaluate
 from transformers import AutoTokenizer
 
-from hf_sdft.callbacks import measure_cka, per_layer, tokenize_probe
-from hf_sdft.student import load_model
+from hf_sdft.cka.callback import tokenize_probe
+from hf_sdft.cka.measure import measure_cka, per_layer
+from hf_sdft.compress.student import load_model
 from hf_sdft.metrics import text_metric_info
 
 

@@ -1,0 +1,2 @@
+"""Jobs built on the library (never imported by it): recovery, the alignment study, rewriting,
+evaluation, stats and model cards."""

@@ -1,0 +1,192 @@
+"""The recovery job's configuration: where the student comes from, which data, what to measure
+(:class:`RecoveryArguments`), and the trainer config with the embedded model's defaults (:class:`RecoveryConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.trainer_utils import SchedulerType
+from transformers.utils import logging
+
+from hf_sdft.data import DEFAULT_SPLITS, TXT_SAMPLE_BY
+from hf_sdft.trainer.config import SDFTConfig, resolve_mixed_precision
+
+logger = logging.get_logger(__name__)
+
+
+DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
+
+
+FORGETTING_MODES = ("recover", "prevent", "rewrite")
+
+
+@dataclass
+class RecoveryArguments:
+    """The recovery job's own fields (``hf-sdft recover``): where the student comes from (your
+    own with ``student_name_or_path``, or degraded here as ``degradation`` says), which data,
+    and what to measure. Unset data sources fall back to the data shipped with the embedded model."""
+
+    student_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Your degraded student (folder or Hub id: transformers, quanto, or a PEFT adapter folder), "
+                  "recovered from model_name_or_path; the degradation step is skipped."},
+    )
+    keep_sparsity: bool = field(
+        default=True, metadata={"help": "Keep the zeros of a pruned student exactly (masks detected from its weights)."}
+    )
+    degradation: str = field(default="quanto", metadata={"help": f"One of {', '.join(DEGRADATION_KINDS)}."})
+    quant_weights: str = field(default="int4", metadata={"help": "int8 | int4 | int2"})
+    quant_activations: str | None = field(default=None, metadata={"help": "None | int8 | fp8"})
+    quant_group_size: str = field(
+        default="channel", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
+    )
+    quant_clip_search: bool = field(
+        default=False,
+        metadata={"help": "Search each group's clipping range (min/max shrunk by 1.0..0.5) for the least layer-output "
+                  "error on calibration_blocks' inputs (AWQ / BitDistiller style); saved in quanto's format."},
+    )
+    quant_learn_scales: bool = field(
+        default=False,
+        metadata={"help": "Train the quantization scales and shifts with the loss (LSQ / OmniQuant style; full QAT, "
+                  "also an own quanto student's), at learning_rate × quant_scales_lr_ratio."},
+    )
+    prune_sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights zeroed (unstructured)."})
+    prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured | N:M, e.g. 2:4"})
+    prune_method: str = field(default="magnitude", metadata={"help": "magnitude | wanda | sparsegpt"})
+    calibration_blocks: int = field(
+        default=16, metadata={"help": "Training blocks for Wanda / SparseGPT / activation scales / the clipping search "
+                              "/ block reconstruction."})
+    block_reconstruction: bool = field(
+        default=False,
+        metadata={"help": "Before end-to-end training, train each decoder block of the student alone on the teacher's "
+                  "block output over the calibration_blocks (EfficientQAT's Block-AP); off by default, not "
+                  "benchmarked yet. Skipped when resuming from a checkpoint."},
+    )
+    block_reconstruction_steps: int = field(
+        default=100, metadata={"help": "AdamW steps per decoder block of the block reconstruction (one batch of "
+                               "4 calibration blocks a step, cycling)."})
+    block_reconstruction_lr: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the block reconstruction (learned quantization scales: "
+                                "× quant_scales_lr_ratio)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id for recovery training."})
+    dataset_config_name: str | None = None
+    dataset_train_split: str = field(default="train", metadata={"help": "Hub split for training (and the narrow task's)."})
+    dataset_test_split: str = field(default="validation", metadata={"help": "Hub split held out for measurements."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local recovery data: .txt, or .jsonl/.parquet/.csv with a text column or "
+                                "chat data (messages, or prompt + completion)."})
+    eval_file: str | None = field(default=None, metadata={"help": "Local held-out data for perplexity and CKA."})
+    dataset_text_field: str = "text"
+    txt_sample_by: str = field(
+        default="document",
+        metadata={"help": "How a .txt file splits into documents (EOS after each, line breaks kept): document "
+                  "(the whole file) | paragraph (at blank lines) | line."},
+    )
+    default_data: str = field(
+        default="text", metadata={"help": "Shipped data for unset sources (embedded model only): text | chat."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training block / longest chat example."})
+    max_eval_blocks: int | None = field(default=200, metadata={"help": "Cap on evaluation blocks (or chat examples)."})
+    probe_blocks: int = field(default=32, metadata={"help": "Held-out blocks (or examples) used as the CKA probe set."})
+    cka_every_n_steps: int | None = field(default=50, metadata={"help": "CKA measurement period (steps)."})
+    narrow_dataset_name: str | None = None
+    narrow_train_file: str | None = field(default=None, metadata={"help": "Narrow task for the forgetting recipe."})
+    narrow_eval_file: str | None = field(default=None, metadata={"help": "Narrow task held out (its perplexity is reported)."})
+    forgetting_mode: str = field(
+        default="recover",
+        metadata={"help": "recover (SFT, then SDFT) | prevent (CE+KD in one run) | rewrite (the original rewrites the "
+                  "narrow responses, hf-sdft rewrite, then SFT on the rewrites)"},
+    )
+    rewrite_answer_regex: str | None = field(
+        default=None, metadata={"help": "rewrite mode: a rewrite whose answer (group 1) differs from the reference's "
+                                "keeps the reference, e.g. 'is (-?[0-9]+)'."})
+    forgetting_steps: int = field(default=200, metadata={"help": "Plain SFT steps on the narrow task."})
+    forgetting_learning_rate: float = 1e-3
+    eval_batch_size: int = 16
+    teacher_cache: str | None = field(
+        default=None, metadata={"help": "A folder written by hf-sdft cache-teacher: train from the teacher's cached "
+                                "top-k outputs instead of running it (the original still measures perplexity and CKA)."})
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks scored on teacher, degraded and recovered "
+                                "models (comma-separated; needs hf-sdft[eval]), e.g. sdft_kjv_nextline."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Cap on examples per lm-eval task."})
+
+    def __post_init__(self):
+        choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,
+                   "txt_sample_by": TXT_SAMPLE_BY, "default_data": tuple(DEFAULT_SPLITS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("train_file", "eval_file", "narrow_train_file", "narrow_eval_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name}={path} does not exist")
+        if self.block_reconstruction_steps < 1 or self.block_reconstruction_lr <= 0:
+            raise ValueError(f"block_reconstruction_steps={self.block_reconstruction_steps} must be at least 1 and "
+                             f"block_reconstruction_lr={self.block_reconstruction_lr} positive")
+        if self.block_reconstruction and self.degradation == "forgetting" and self.student_name_or_path is None \
+                and self.forgetting_mode != "recover":
+            raise ValueError(f"block_reconstruction reconstructs the degraded student, which forgetting_mode "
+                             f"{self.forgetting_mode} does not train (it starts from the original): use recover")
+        if self.block_reconstruction and self.quant_activations is not None and self.student_name_or_path is None \
+                and self.degradation == "quanto":
+            raise ValueError("block_reconstruction needs weight-only quantization (FakeQuantLinear): quantized "
+                             "activations (quant_activations) have no straight-through gradient here")
+        if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
+            raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
+
+    @property
+    def uses_narrow_task(self) -> bool:
+        """Forgetting degrades on the narrow task; any run measures it when one is named."""
+        named = self.narrow_dataset_name or self.narrow_train_file or self.narrow_eval_file
+        return self.degradation == "forgetting" or bool(named)
+
+    def group_size(self):
+        if self.quant_group_size in ("auto", "channel"):
+            return "auto" if self.quant_group_size == "auto" else None
+        return int(self.quant_group_size)
+
+    def build_degradation(self):
+        """The registered degradation to apply (None for forgetting, none, or your own student)."""
+        from hf_sdft.compress import get_degradation
+
+        if self.student_name_or_path is not None:
+            return None
+        if self.degradation == "quanto":
+            return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
+                                   group_size=self.group_size(), clip_search=self.quant_clip_search,
+                                   learn_scales=self.quant_learn_scales)
+        if self.degradation == "prune":
+            return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
+                                   method=self.prune_method)
+        return None
+
+
+@dataclass
+class RecoveryConfig(SDFTConfig):
+    """``SDFTConfig`` for the recovery job. The defaults are the embedded 1.1M-parameter default
+    model's own small-model settings (``hf-sdft recover`` with no arguments, on CPU); the recipes in
+    ``recipes/`` set real-model values (learning rate, accumulation, bf16)."""
+
+    output_dir: str | None = "outputs/quanto-int4"
+    max_steps: int = 300
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 1e-3
+    lr_scheduler_type: SchedulerType | str = "cosine"
+    warmup_steps: float = 20
+    logging_steps: float = 25
+    save_steps: float = 100
+    save_total_limit: int | None = 2
+    report_to: None | str | list[str] = "none"
+    bf16: bool = False
+    fp16: bool | None = field(
+        default=None,
+        metadata={"help": "float16 mixed precision (with a GradScaler). Unset: on where bf16 was asked for (the "
+                  "recipes) but the GPU has no bf16 (T4, V100); false trains in float32 there."},
+    )
+    seed: int = 0
+
+    def __post_init__(self):
+        self.bf16, self.fp16 = resolve_mixed_precision(self.bf16, self.fp16, self.use_cpu)
+        super().__post_init__()

@@ -1,0 +1,179 @@
+"""Model introspection used on teachers and students alike: unwrapping wrappers, finding the
+decoder layers and the output head, loading with the project's defaults, and capturing the hidden
+states of chosen layers with forward hooks that exist only inside a ``with``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def parse_layers(value) -> str | list[int]:
+    """``"all"``, a list of ints, or a comma-separated string ``"0,2,3"`` → ``"all"`` or ``list[int]``."""
+    if value is None or value == "all":
+        return "all"
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"layers must be 'all' or decoder-layer indices like '0,2,3', got {value!r}") from None
+    layers = [int(v) for v in value]
+    if not layers:
+        raise ValueError("layers is empty: give 'all' or at least one decoder-layer index")
+    return layers
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / torch.compile wrappers (not PEFT)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (``config.num_hidden_layers`` long)."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    expected = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if expected is not None:
+        candidates = [m for m in candidates if len(m) == expected]
+    if not candidates:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of "
+            f"{expected if expected is not None else 'decoder'} blocks"
+        )
+    return max(candidates, key=len)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def resolve_layers(layers, model: nn.Module, other: nn.Module | None = None, what: str = "cka_layers") -> list[int]:
+    """Turn ``"all"`` or indices into a checked list of decoder-layer indices."""
+    n = num_layers(model)
+    m = num_layers(other) if other is not None else n
+    if layers == "all":
+        if n != m:
+            raise ValueError(
+                f"{what}='all' but the student has {n} decoder layers and the teacher {m}: list the layers to compare"
+            )
+        return list(range(n))
+    bad = [i for i in layers if not (0 <= i < min(n, m))]
+    if bad:
+        raise ValueError(
+            f"{what}={list(layers)} names layers {bad} that the models do not have "
+            f"(student has {n} decoder layers, teacher {m}; valid indices 0..{min(n, m) - 1})"
+        )
+    return list(layers)
+
+
+class LayersCaptured(Exception):
+    """Raised by :func:`capture_layers` (``stop=True``) once the last listed layer has run."""
+
+
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers: Sequence[int], *, stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forward passes of ``model`` record ``{layer: hidden (B, T, D)}``.
+
+    Hooks exist only while the block runs and only on the listed layers. ``stop=True`` ends each
+    forward with :class:`LayersCaptured` right after the last listed layer (no later layer, final
+    norm or output head runs): run it through :func:`forward_until_captured`.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    if not layers:
+        yield captured
+        return
+    blocks = decoder_layers(model)
+    last = max(layers)
+
+    def hook_for(i: int):
+        def hook(_module, _args, output):
+            captured[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if stop and i == last:
+                raise LayersCaptured
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_until_captured(model: nn.Module, **inputs) -> None:
+    """``model(**inputs)`` inside ``capture_layers(model, layers, stop=True)``."""
+    try:
+        model(**inputs)
+    except LayersCaptured:
+        pass
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    emb = unwrap(model).get_output_embeddings()
+    if emb is None:
+        return unwrap(model).config.vocab_size
+    weight = emb.weight
+    return int(weight.shape[0])
+
+
+def is_peft(model: nn.Module) -> bool:
+    """A PEFT model whose adapters can be disabled (its base is then the teacher)."""
+    inner = unwrap(model)
+    return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
+
+
+def from_pretrained(name_or_path, *, use_kernels: bool = False, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with transformers' Hub kernels off unless
+    ``use_kernels``. transformers (with the ``kernels`` package) otherwise kernelizes every model
+    it loads, fetching ``kernels-community/*`` layers from the Hub on load and on ``model.train()``,
+    which fails offline (HF_HUB_OFFLINE=1) when they are not cached. Every model hf-sdft loads
+    by name goes through here."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, use_kernels=use_kernels, **kwargs)
+
+
+# config fields of models whose logits are not the plain head output (soft-capping, scaling)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_head(model: nn.Module) -> tuple[nn.Linear | None, str]:
+    """The output head of ``model`` when its logits are exactly ``head(hidden)`` (a plain
+    ``nn.Linear``, no logit soft-capping or scaling), else ``(None, why)``."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        return None, f"{type(inner).__name__} exposes no output embeddings"
+    if type(head) is not nn.Linear:
+        return None, f"its output head is a {type(head).__name__} (adapted or quantized), not a plain nn.Linear"
+    config = getattr(inner, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text, name, None)
+        if value not in (None, 1, 1.0, 0, 0.0, False):
+            return None, f"it transforms its logits ({name}={value}), which the fused loss does not apply"
+    return head, ""
+
+
+@contextlib.contextmanager
+def head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, a forward pass through ``head`` records its input as ``["hidden"]``
+    ``(B, T, H)`` and hands the head an empty slice instead, so no logits are computed."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module, args):
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

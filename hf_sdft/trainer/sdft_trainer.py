@@ -1,0 +1,425 @@
+"""SDFT trainers: a frozen teacher's next-token distribution (and optionally its hidden-layer
+geometry) is distilled into the student.
+
+``SDFTTrainer`` extends ``transformers.Trainer``; ``SDFTSFTTrainer`` extends ``trl.SFTTrainer``
+(chat templates, packing, completion-only loss). Both share :class:`SDFTMixin`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections import defaultdict
+
+import datasets
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+from trl import SFTTrainer
+
+from hf_sdft.cka.metric import linear_cka
+from hf_sdft.data import pad
+from hf_sdft.distributed import check_fsdp_launch
+from hf_sdft.modeling import capture_layers, head_input, is_peft, plain_head, resolve_layers, unwrap
+from hf_sdft.trainer.losses import (
+    cached_label_logprobs,
+    distillation_loss,
+    fused_linear_kd_ce_loss,
+    label_logprobs,
+    mean_label_probability,
+    token_cross_entropy,
+    topk_distillation_loss,
+)
+from hf_sdft.trainer.on_policy import TEACHER_PROMPT, OnPolicySampler
+from hf_sdft.trainer.teacher import check_teacher, freeze, load_teacher, shard_teacher_fsdp2, teacher_context
+from hf_sdft.trainer.teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
+
+logger = logging.get_logger(__name__)
+TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "attention_mask",
+                  "teacher_position_ids": "position_ids"}  # on-policy batches: the teacher's own sequence
+NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
+
+
+class SDFTMixin:
+    """Adds the teacher, the KD/CKA losses and per-part logging to a Trainer subclass.
+
+    Args:
+        teacher_model: the original (undegraded) model, or its path / Hub id. ``None``
+            loads ``args.teacher_model_name_or_path``; with neither, the training data may be a
+            teacher cache (``hf-sdft cache-teacher``, no teacher is loaded) or the student a PEFT
+            model whose base with adapters disabled is the teacher.
+    """
+
+    _tag_names = ["hf-sdft", "sdft"]
+    model_card_writer = None  # set by a job with its own card (see create_model_card)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with learned quantization scales and shifts
+        (:meth:`~hf_sdft.compress.fake_quant.FakeQuantLinear.hold_scales`) in a group of their own:
+        learning rate × ``quant_scales_lr_ratio``, no weight decay (the scheduler scales it alike).
+        An optimizer passed to the Trainer is left as it is."""
+        from hf_sdft.compress.fake_quant import is_scale_parameter  # here: importing compress loads quanto
+
+        given = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        ratio = getattr(self.args, "quant_scales_lr_ratio", 1.0)
+        scales = {id(p) for n, p in (model or self.model).named_parameters()
+                  if p.requires_grad and is_scale_parameter(n)}
+        if given or not scales or not hasattr(optimizer, "param_groups"):
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in scales]
+            group["params"] = [p for p in group["params"] if id(p) not in scales]
+        optimizer.add_param_group({"params": moved, "lr": self.args.learning_rate * ratio, "weight_decay": 0.0})
+        return optimizer
+
+    def __init__(self, model=None, args=None, *pos, teacher_model: nn.Module | str | None = None, **kwargs):
+        if teacher_model is None and getattr(args, "teacher_model_name_or_path", None):
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, str):
+            teacher_model = load_teacher(teacher_model, use_kernels=getattr(args, "use_kernels", False))
+        if isinstance(model, str) and hasattr(args, "model_init_kwargs"):  # SFTTrainer loads it: Hub kernels as set
+            args = copy.copy(args)
+            args.model_init_kwargs = {"use_kernels": getattr(args, "use_kernels", False), **(args.model_init_kwargs or {})}
+        if teacher_model is not None and isinstance(model, nn.Module):
+            check_teacher(model, teacher_model)  # fail before any dataset preparation
+        self.teacher_cache = cache_metadata(kwargs.get("train_dataset")) if teacher_model is None else None
+        if self.teacher_cache is not None:
+            check_cache(self.teacher_cache, args, model)
+            # rows as numpy arrays: (T, k) blocks collate without walking nested Python lists
+            kwargs["train_dataset"] = kwargs["train_dataset"].with_format("numpy")
+            if kwargs.get("data_collator") is None:
+                kwargs["data_collator"] = pad
+        super().__init__(model, args, *pos, **kwargs)
+        if self.args.teacher_model_kind == "ema":  # starts as the student, then follows it (TRL SDFT's ema teacher)
+            teacher_model = copy.deepcopy(unwrap(self.model))
+            self.add_callback(EMATeacherCallback(self))
+        if teacher_model is None and self.teacher_cache is None and not is_peft(self.model):
+            raise ValueError(
+                "no teacher: pass teacher_model= (the original model or its path), set "
+                "teacher_model_name_or_path, train on a teacher cache (hf-sdft cache-teacher), "
+                "or train a PEFT student whose base model is the teacher"
+            )
+        if teacher_model is not None:
+            check_teacher(self.model, teacher_model)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "the student has no trainable parameter (was it copied from a frozen teacher?): "
+                "call student.requires_grad_(True), or give it PEFT adapters"
+            )
+        if self.args.on_policy_ratio > 0 and self.teacher_cache is not None:
+            raise ValueError("on_policy_ratio > 0 needs a teacher to grade the student's samples, which a teacher "
+                             "cache cannot do: train with the online teacher")
+        columns = getattr(self.train_dataset, "column_names", None)
+        if self.args.teacher_context == "demonstration" and columns is not None and TEACHER_PROMPT not in columns:
+            raise ValueError(
+                f"teacher_context='demonstration' needs the teacher's prompt of each example (a '{TEACHER_PROMPT}' "
+                "column): give chat or prompt/completion data tokenized by hf_sdft.data.tokenize_examples(..., "
+                "teacher_template=args.teacher_prompt_template), as the recovery job does"
+            )
+        self.on_policy = (OnPolicySampler(self.args, self.processing_class, self._vllm())
+                          if self.args.on_policy_ratio > 0 else None)
+        reference = teacher_model if teacher_model is not None else self.model
+        self.cka_loss_layers = (
+            resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
+        )
+        check_fsdp_launch(self.accelerator)
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
+        if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
+            raise ValueError(
+                "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
+                f"(got {getattr(self.args, 'loss_type', 'nll')!r}, {self.args.label_smoothing_factor})"
+            )
+        if self.cka_loss_layers and self.args.n_gpu > 1:
+            raise ValueError(
+                "cka_weight > 0 under torch.nn.DataParallel (one process, several GPUs) is not supported: "
+                "launch one process per GPU with accelerate launch / torchrun"
+            )
+        # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
+        # counted over labels[..., 1:] (the causal shift compute_loss applies)
+        self.cakld_gamma = self.args.cakld_gamma  # kd_loss cakld: estimated at the first loss when unset
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._loss_shifts_labels = True
+        self._sdft_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        from hf_sdft.cka.callback import CKACallback
+
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CKACallback):
+                cb.bind(self)
+
+    def _vllm(self):
+        """TRL's vLLM generation for the student (``use_vllm``), or ``None`` (``model.generate``)."""
+        if not self.args.use_vllm:
+            return None
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        from hf_sdft.trainer.vllm_sampling import check_vllm_available, vllm_generation
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError("use_vllm sends vLLM the student's whole weights, which FSDP and DeepSpeed ZeRO-3 "
+                             "shard: train with DDP (or ZeRO-1/2), or set use_vllm false")
+        check_vllm_available()
+        return vllm_generation(self.model, self.accelerator, self.processing_class, self.args)
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher in ``teacher_dtype`` on ``teacher_device`` (sharded like the student
+        under DeepSpeed ZeRO-3 or FSDP)."""
+        student_dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = self.args.resolve_teacher_dtype(student_dtype)
+        if any(p.is_floating_point() and p.dtype != dtype for p in teacher.parameters()):
+            teacher = teacher.to(dtype)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return freeze(prepare_deepspeed(teacher, self.accelerator))
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
+            return freeze(shard_teacher_fsdp2(freeze(teacher), self.accelerator))
+        if self.is_fsdp_enabled:  # FSDP1
+            from trl.models.utils import prepare_fsdp
+
+            return freeze(prepare_fsdp(teacher, self.accelerator))
+        return freeze(teacher.to(self.args.teacher_device or self.accelerator.device))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.teacher_cache is not None and self._signature_columns is not None:
+            self._signature_columns = [*self._signature_columns, *CACHE_COLUMNS]
+        if self.args.teacher_context == "demonstration" and self._signature_columns is not None:
+            self._signature_columns = [*self._signature_columns, TEACHER_PROMPT]
+
+    def _fused_heads(self) -> tuple[nn.Linear, nn.Linear] | None:
+        """(student head, teacher head) for the fused loss, or None (with the reason logged) when a
+        model's logits are not a plain linear head of its last hidden state."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            logger.warning("kd_fused: using the model's own logits under FSDP / DeepSpeed (sharded head weights)")
+            return None
+        student, why = plain_head(self.model)
+        teacher, why_t = plain_head(self.teacher_model) if self.teacher_model is not None else (student, why)
+        if student is None or teacher is None:
+            logger.warning(f"kd_fused: using the model's own logits, since the {'student' if student is None else 'teacher'}"
+                           f"'s {why or why_t}")
+            return None
+        return student, teacher
+
+    def _teacher_forward(self, model_inputs: dict, layers, head: nn.Module | None):
+        """The teacher's logits ``(B, T, V)`` (``head`` None) or the input of its ``head``
+        ``(B, T, H)``, and the hidden states of ``layers``; no grad, on the student's device."""
+        with teacher_context(self.model, self.teacher_model) as teacher, capture_layers(teacher, layers) as hidden, \
+                (head_input(head) if head is not None else contextlib.nullcontext()) as head_in:
+            device = next(teacher.parameters()).device
+            with self.accelerator.autocast():  # the student's precision (accelerate autocasts only its forward)
+                outputs = teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
+        student_device = model_inputs["input_ids"].device
+        hidden = {i: h.to(student_device) for i, h in hidden.items()}
+        return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
+
+    def kd_weight(self) -> float:
+        """The ``beta`` of the KD loss: ``kd_beta`` (JSD), or CAKLD's γ (``cakld_gamma``, else
+        estimated by :meth:`estimate_cakld_gamma` the first time it is needed)."""
+        if self.args.kd_loss != "cakld":
+            return self.args.kd_beta
+        if self.cakld_gamma is None:
+            self.cakld_gamma = self.estimate_cakld_gamma()
+            logger.info(f"kd_loss cakld: γ = {self.cakld_gamma:.4f}, the teacher's mean label-token probability over "
+                        f"{self.args.cakld_calibration_batches} training batches")
+        return self.cakld_gamma
+
+    def estimate_cakld_gamma(self) -> float:
+        """BitDistiller's γ (Du et al. 2024, arXiv 2402.10631, §3.2): the teacher's probability of
+        the label tokens, averaged over each sequence and then over the sequences of
+        ``cakld_calibration_batches`` training batches (at ``kd_temperature``, the temperature the
+        loss distils at; the paper's is 1).
+
+        The batches are a random sample of the training set drawn with a generator seeded by
+        ``seed`` (an iterable dataset: its first batches), so the global random state is untouched
+        and a resumed run gets the same γ. Every process reads the same sample and the estimates
+        are averaged, so all hold the same γ. From a teacher cache, a label outside the cached top-k
+        counts as probability 0 (a lower bound, exact when k = V).
+        """
+        args, description = self.args, "CAKLD calibration"
+        if self.train_dataset is None:
+            raise ValueError("kd_loss cakld estimates γ from the training data but this trainer has no train_dataset: "
+                             "pass one, or set cakld_gamma")
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        batch_size = args.per_device_train_batch_size
+        if not isinstance(dataset, IterableDataset):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+            order = order[:batch_size * args.cakld_calibration_batches].tolist()
+            dataset = dataset.select(order) if isinstance(dataset, datasets.Dataset) else Subset(dataset, order)
+        # its own generator: a DataLoader draws its workers' base seed from the global one otherwise
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
+        head = self.fused_heads[1] if self.fused_heads is not None else None
+        sums = torch.zeros(2, dtype=torch.float32, device=args.device)
+        for batch in itertools.islice(loader, args.cakld_calibration_batches):
+            batch = self._prepare_inputs(batch)
+            labels = batch["labels"][..., 1:]
+            if self.teacher_cache is not None:
+                ids, logprobs = (batch[k][:, :-1] for k in CACHE_COLUMNS[:2])
+                label_lp = cached_label_logprobs(ids, logprobs, labels)
+            else:
+                model_inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS} | {"use_cache": False}
+                teacher_out, _ = self._teacher_forward(model_inputs, [], head)
+                with torch.no_grad():
+                    label_lp = label_logprobs(teacher_out[..., :-1, :], labels, temperature=args.kd_temperature,
+                                              head_weight=None if head is None else head.weight,
+                                              head_bias=None if head is None else head.bias)
+            sums += torch.stack(mean_label_probability(label_lp, labels.to(label_lp.device))).to(sums.device)
+        sums = self.accelerator.reduce(sums, reduction="mean")
+        if not sums[1] > 0:
+            raise ValueError(f"kd_loss cakld: the {args.cakld_calibration_batches} calibration batches hold no label "
+                             "token to estimate γ from: check the training data's labels, or set cakld_gamma")
+        return float(sums[0] / sums[1])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A fraction ``on_policy_ratio`` of micro-batches is replaced by the student's own samples
+        (:mod:`hf_sdft.trainer.on_policy`); those are normalised by their own token count."""
+        if self.on_policy is not None:
+            on = self.on_policy.draw()
+            window, device = self._sdft_metrics["train"], self.accelerator.device  # reduced with the loss parts
+            window["on_policy/fraction"].append(torch.tensor(float(on), device=device))
+            if on:
+                inputs, figures = self.on_policy.batch(model, inputs, self.state.global_step)
+                for key, value in figures.items():
+                    window[f"on_policy/{key}"].append(torch.tensor(value, device=device))
+                num_items_in_batch = None
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+        model_inputs["use_cache"] = False
+        on_policy = "teacher_input_ids" in inputs  # KD only, on the sampled tokens
+        teacher_inputs = ({name: inputs[key] for key, name in TEACHER_INPUTS.items()} | {"use_cache": False}
+                          if on_policy else model_inputs)
+        kd_ratio = 1.0 if on_policy else args.kd_ratio
+        layers = self.cka_loss_layers
+        heads = self.fused_heads if not return_outputs else None  # callers asking for outputs get logits
+        s_head, t_head = heads or (None, None)
+        with capture_layers(model, layers) as student_hidden, \
+                (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
+            outputs = model(**model_inputs)
+        if self.teacher_cache is None:
+            teacher_out, teacher_hidden = self._teacher_forward(teacher_inputs, layers, t_head)
+
+        shift_labels = labels[..., 1:]
+        mask = shift_labels != -100
+        n_local = mask.sum()
+        if not bool(n_local):
+            raise ValueError(
+                "a batch has no supervised token (every label is -100): check max_length/truncation, "
+                "completion_only_loss or how labels are built"
+            )
+        denom = num_items_in_batch if num_items_in_batch is not None else n_local
+        kd_kwargs = dict(loss_type=args.kd_loss, beta=self.kd_weight(), temperature=args.kd_temperature,
+                         num_items_in_batch=1, chunk_size=args.kd_chunk_size)
+        output_grad = torch.is_grad_enabled() and args.output_loss_weight > 0  # else CE and KD are logged only
+        # accelerate autocasts the model's forward only: without this the fused heads would multiply
+        # float32 master weights in float32 (on a GPU, several times slower than bf16 tensor cores)
+        with torch.set_grad_enabled(output_grad), self.accelerator.autocast():
+            if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
+                mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
+                    s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
+                    shift_labels, kd_ratio=kd_ratio, student_head_bias=s_head.bias,
+                    teacher_head_bias=t_head.bias, kernel=args.kd_kernel, **kd_kwargs,
+                )
+            else:
+                student_logits = outputs.logits[..., :-1, :]
+                with torch.set_grad_enabled(output_grad and kd_ratio < 1.0):
+                    ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
+                if self.teacher_cache is not None:
+                    cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
+                    kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
+                else:
+                    kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
+                mixed = (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
+        token_loss = args.output_loss_weight * mixed / denom
+        if num_items_in_batch is not None and args.average_tokens_across_devices:
+            token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
+        elif num_items_in_batch is None and model.training:
+            token_loss = token_loss / self.current_gradient_accumulation_steps
+        loss = token_loss
+        metrics = {"ce_loss": ce_sum.detach() / n_local, "kd_loss": kd_sum.detach() / n_local}
+
+        if layers:
+            rows = inputs.get("attention_mask")
+            rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+            if on_policy:  # the prompts differ (demonstration): compare the sampled positions only
+                rows = labels != -100
+            ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
+                    for i in layers]
+            cka_loss = (1.0 - torch.stack(ckas).mean()).float()
+            weighted = args.cka_weight * cka_loss
+            loss = loss + (weighted / self.current_gradient_accumulation_steps if model.training else weighted)
+            metrics["cka_loss"] = cka_loss.detach()
+        for key, value in metrics.items():  # kept on the device: reduced (one sync) when logged
+            self._sdft_metrics[mode][key].append(value.float().reshape(()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if mode == "eval" or "loss" in logs:  # only the Trainer's own logging events, not a callback's
+            window = self._sdft_metrics[mode]
+            prefix = "eval_" if mode == "eval" else ""
+            names = [k for k, v in window.items() if v]
+            if names:  # one gather for every part: the window mean on each rank, averaged over ranks
+                means = torch.stack([torch.stack(window[k]).mean() for k in names])
+                values = self.accelerator.gather(means[None]).mean(0).tolist()
+                logs.update({f"{prefix}{k}": v for k, v in zip(names, values)})
+            window.clear()
+            if self.cakld_gamma is not None and mode == "train":
+                logs["cakld_gamma"] = self.cakld_gamma
+        super().log(logs, start_time)
+
+    def create_model_card(self, *args, **kwargs):
+        """The card of the job that trains with this trainer when it writes one (``model_card_writer``:
+        ``(output_dir, hub_model_id) → bool``, e.g. the recovery job's card of its stats); otherwise
+        the parent's card with the ``hf-sdft`` tags added (TRL trainers add ``_tag_names`` themselves)."""
+        if self.model_card_writer is not None and self.model_card_writer(self.args.output_dir, self.args.hub_model_id):
+            return
+        if not isinstance(self, SFTTrainer):
+            tags = kwargs.get("tags") or []
+            kwargs["tags"] = sorted({*([tags] if isinstance(tags, str) else tags), *self._tag_names})
+        super().create_model_card(*args, **kwargs)
+
+
+class EMATeacherCallback(TrainerCallback):
+    """After every optimizer step, moves the trainer's (EMA) teacher toward the student:
+    t ← (1 − r)·t + r·s with r = ``teacher_update_rate``."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        teacher = unwrap(self.trainer.teacher_model)
+        pairs = zip(teacher.parameters(), unwrap(self.trainer.model).parameters(), strict=True)
+        for t, s in pairs:
+            if t.is_floating_point():
+                t.lerp_(s.detach().to(t.device, t.dtype), args.teacher_update_rate)
+
+
+class SDFTTrainer(SDFTMixin, Trainer):
+    """``transformers.Trainer`` with self-distillation from a frozen teacher.
+
+    Use with :class:`~hf_sdft.SDFTConfig`. Batches need ``labels`` (−100 = not supervised),
+    e.g. from ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``.
+    """
+
+
+class SDFTSFTTrainer(SDFTMixin, SFTTrainer):
+    """``trl.SFTTrainer`` with self-distillation from a frozen teacher; use with
+    :class:`~hf_sdft.SDFTSFTConfig`."""
+
+    _tag_names = ["trl", "sft", "hf-sdft", "sdft"]
