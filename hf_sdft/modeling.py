@@ -17,7 +17,7 @@ def parse_layers(value) -> str | list[int]:
         return "all"
     if isinstance(value, str):
         try:
-            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+            value = [int(v) for v in comma_list(value)]
         except ValueError:
             raise ValueError(f"layers must be 'all' or decoder-layer indices like '0,2,3', got {value!r}") from None
     layers = [int(v) for v in value]
@@ -177,3 +177,34 @@ def head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+def check_vocabularies(student: int, teacher: int, what: str = "output logits", teacher_name: str = "teacher") -> None:
+    """Raise when the student's and the teacher's vocabularies differ: distillation compares their
+    distributions token by token (the one vocabulary check, wherever the two meet)."""
+    if student != teacher:
+        raise ValueError(
+            f"student and {teacher_name} vocabularies differ: student has {student} {what}, {teacher_name} {teacher}. "
+            f"Distillation needs the same tokenizer on both sides: resize_token_embeddings() one of them or pick a "
+            f"matching {teacher_name}"
+        )
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode (no dropout) inside the ``with``; each back in its own mode after."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def comma_list(value) -> list[str]:
+    """``"a, b,c"`` (or a list) → ``["a", "b", "c"]``: the comma-separated values of a config field."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+

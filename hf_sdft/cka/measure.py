@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from hf_sdft.cka.metric import MinibatchCKA
 from hf_sdft.data import model_inputs
 from hf_sdft.distributed import progress_disabled, shard
-from hf_sdft.modeling import capture_layers, forward_until_captured, resolve_layers, unwrap
+from hf_sdft.modeling import capture_layers, evaluating, forward_until_captured, resolve_layers, unwrap
 from hf_sdft.trainer.teacher import teacher_context
 
 CKA_PREFIX = "cka/"
@@ -57,10 +57,8 @@ def measure_cka(
     teacher_module = unwrap(teacher) if teacher is not None else student
     layers = resolve_layers(layers, student, teacher_module, what="layers")
     devices = next(student.parameters()).device, next(teacher_module.parameters()).device
-    modes = student.training, teacher_module.training
-    student.eval(), teacher_module.eval()
     acc = MinibatchCKA(len(layers), len(layers), debiased=debiased, cross_layers=full)
-    try:
+    with evaluating(student, teacher_module):
         for batch, counted in tqdm(shard(batches), desc="CKA", leave=False, disable=progress_disabled()):
             rows = batch["attention_mask"].bool()
             student_rows, teacher_rows = rows.to(devices[0]), rows.to(devices[1])
@@ -72,8 +70,5 @@ def measure_cka(
                                        use_cache=False)
             if counted:
                 acc.update([hs[i][student_rows] for i in layers], [ht[i][teacher_rows].to(devices[0]) for i in layers])
-    finally:
-        student.train(modes[0])
-        teacher_module.train(modes[1])
     acc.all_reduce()
     return layers, acc.matrix() if full else acc.compute()

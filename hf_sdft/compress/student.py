@@ -22,7 +22,7 @@ from hf_sdft.compress.quantize import (
     save_quantized,
     thaw_quantized,
 )
-from hf_sdft.modeling import from_pretrained, is_peft, num_layers, output_vocab_size, unwrap
+from hf_sdft.modeling import check_vocabularies, from_pretrained, is_peft, num_layers, output_vocab_size, unwrap
 
 QUANTIZED_BASE = "quantized_base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -115,9 +115,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module, student_folder: Pat
             f"the student is a {s_cfg.model_type} model and the original a {t_cfg.model_type} one: "
             "recover a student derived from the same model (model_name_or_path)"
         )
-    vs, vt = output_vocab_size(student), output_vocab_size(teacher)
-    if vs != vt:
-        raise ValueError(f"the student has {vs} output logits and the original {vt}: their vocabularies differ")
+    check_vocabularies(output_vocab_size(student), output_vocab_size(teacher), teacher_name="original")
     if num_layers(student) != num_layers(teacher):
         raise ValueError(
             f"the student has {num_layers(student)} decoder layers and the original {num_layers(teacher)}: "

@@ -14,6 +14,8 @@ import logging
 from functools import lru_cache
 from importlib import resources
 
+from hf_sdft.modeling import comma_list, evaluating
+
 TASKS_DIR = resources.files("hf_sdft") / "eval_tasks"
 
 
@@ -70,7 +72,7 @@ def evaluate_tasks(
         default are named ``metric,filter``). The model's train/eval mode and the global RNGs are
         left as they were.
     """
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    names = comma_list(tasks)
     if not names:
         raise ValueError(f"no task given: shipped tasks are {', '.join(shipped_tasks())}")
     try:
@@ -81,17 +83,13 @@ def evaluate_tasks(
 
     if device is not None:
         model.to(device)
-    training = model.training
-    with _quiet():
+    with _quiet(), evaluating(model):  # HFLM sets eval mode; the caller's mode comes back after
         manager = _task_manager(names)
-        try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # sets eval mode
-            out = simple_evaluate(
-                lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
-                random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # don't reseed the caller's RNGs
-            )
-        finally:
-            model.train(training)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(
+            lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # don't reseed the caller's RNGs
+        )
     return {
         task: {
             key.removesuffix(",none"): float(value)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from hf_sdft.cka.measure import measure_cka, per_layer
 from hf_sdft.distributed import all_reduce_sum, progress_disabled, shard
-from hf_sdft.modeling import unwrap
+from hf_sdft.modeling import evaluating, unwrap
 from hf_sdft.trainer.losses import distillation_loss
 
 
@@ -29,10 +29,8 @@ def held_out_sums(
     """
     model = unwrap(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
-    try:
+    with evaluating(model):
         for batch, counted in tqdm(shard(batches), desc="perplexity", leave=False, disable=progress_disabled()):
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
@@ -48,8 +46,6 @@ def held_out_sums(
                 t_logits = teacher(input_ids=ids.to(t_device), attention_mask=mask.to(t_device), use_cache=False).logits
                 totals[2] += distillation_loss(logits, t_logits[:, :-1].float().to(device), target != -100,
                                                num_items_in_batch=1).double().cpu()
-    finally:
-        model.train(was_training)
     all_reduce_sum(totals)
     return totals
 

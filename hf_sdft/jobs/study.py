@@ -27,12 +27,12 @@ from hf_sdft.jobs.evaluation import held_out_sums, perplexity, perplexity_of
 from hf_sdft.jobs.recover import check_launch, load, make_student
 from hf_sdft.jobs.sft import make_trainer
 from hf_sdft.jobs.study_arms import ARMS, Arm
-from hf_sdft.modeling import decoder_layers, is_peft, unwrap
+from hf_sdft.modeling import comma_list, decoder_layers, is_peft, unwrap
 from hf_sdft.trainer.config import SDFTConfig
 
 
 def _csv(value: str, what: str) -> list[str]:
-    items = [v for v in str(value).replace(" ", "").split(",") if v]
+    items = comma_list(value)
     if not items:
         raise ValueError(f"{what} is empty")
     return items

@@ -168,6 +168,11 @@ class SDFTArguments:
             raise ValueError(f"kd_kernel={self.kd_kernel!r}: choose one of {', '.join(KERNELS)}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: choose one of {', '.join(TEACHER_DTYPES)}")
+        if getattr(self, "loss_type", "nll") != "nll" or getattr(self, "label_smoothing_factor", 0.0):
+            raise ValueError(
+                "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
+                f"(got {getattr(self, 'loss_type', 'nll')!r}, {getattr(self, 'label_smoothing_factor', 0.0)})"
+            )
         self._check_generation()
         self.cka_layers = parse_layers(self.cka_layers)
         super().__post_init__()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hf_sdft.modeling import check_vocabularies
+
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "cakld")
 BLENDS = ("jsd", "cakld")  # losses with a weight β (CAKLD: γ) that is forward KL at 0 and reverse KL at 1
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in float32; larger log-ratios carry mass < e^-80
@@ -113,10 +115,7 @@ def distillation_loss(
     The result is multiplied by temperature². A batch with no unmasked position returns a
     zero that still carries a gradient (never NaN).
     """
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(
-            f"student and teacher vocabularies differ: {student_logits.shape[-1]} vs {teacher_logits.shape[-1]} logits"
-        )
+    check_vocabularies(student_logits.shape[-1], teacher_logits.shape[-1], "logits")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logits shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
     if temperature <= 0:
@@ -476,11 +475,7 @@ def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_wei
     check_loss_type(loss_type)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
-        raise ValueError(
-            f"student and teacher vocabularies differ: {student_head_weight.shape[0]} vs "
-            f"{teacher_head_weight.shape[0]} rows in the output heads"
-        )
+    check_vocabularies(student_head_weight.shape[0], teacher_head_weight.shape[0], "rows in its output head")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"hidden-state positions differ: student {tuple(student_hidden.shape[:-1])}, "
                          f"teacher {tuple(teacher_hidden.shape[:-1])}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_sdft.data import RAGGED_FILL, TEACHER_PROMPT
-from hf_sdft.modeling import unwrap
+from hf_sdft.modeling import evaluating, unwrap
 
 
 def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> list[int]:
@@ -61,16 +61,12 @@ def sample(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, t
     model = unwrap(model)
     device = next(model.parameters()).device
     ids, mask = padded(prompts, max(map(len, prompts)), pad_token_id)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=temperature,
             top_p=top_p, top_k=top_k or None, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
             eos_token_id=eos_token_id, use_cache=True,
         )[:, ids.shape[1]:].tolist()
-    finally:
-        model.train(was_training)
     return cut_after_eos(out, eos_token_id)
 
 

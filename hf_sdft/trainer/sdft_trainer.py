@@ -11,6 +11,7 @@ import contextlib
 import copy
 import itertools
 from collections import defaultdict
+from dataclasses import dataclass
 
 import datasets
 import torch
@@ -43,14 +44,72 @@ TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "a
 NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
 
 
+@dataclass
+class _Batch:
+    """One batch as :meth:`SDFTMixin.compute_loss` reads it: what the student and the teacher get,
+    the shifted labels and their mask, and how much of the output loss is KD."""
+
+    inputs: dict
+    model_inputs: dict
+    teacher_inputs: dict
+    labels: torch.Tensor
+    shift_labels: torch.Tensor
+    mask: torch.Tensor
+    n_local: torch.Tensor
+    on_policy: bool
+    kd_ratio: float | None = None
+
+    @classmethod
+    def of(cls, inputs: dict, kd_ratio: float) -> _Batch:
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS} | {"use_cache": False}
+        on_policy = "teacher_input_ids" in inputs  # KD only, on the sampled tokens (the teacher's own sequence)
+        teacher_inputs = ({name: inputs[key] for key, name in TEACHER_INPUTS.items()} | {"use_cache": False}
+                          if on_policy else model_inputs)
+        labels = inputs["labels"]
+        shift_labels = labels[..., 1:]
+        mask = shift_labels != -100
+        n_local = mask.sum()
+        if not bool(n_local):
+            raise ValueError(
+                "a batch has no supervised token (every label is -100): check max_length/truncation, "
+                "completion_only_loss or how labels are built"
+            )
+        return cls(inputs, model_inputs, teacher_inputs, labels, shift_labels, mask, n_local, on_policy,
+                   1.0 if on_policy else kd_ratio)
+
+
+def _with_kernel_default(model, args):
+    """``args`` for the parent Trainer: TRL's SFTTrainer loads a model given by name itself, with
+    Hub kernels only as ``use_kernels`` says (offline-safe by default)."""
+    if isinstance(model, str) and hasattr(args, "model_init_kwargs"):
+        args = copy.copy(args)
+        args.model_init_kwargs = {"use_kernels": getattr(args, "use_kernels", False), **(args.model_init_kwargs or {})}
+    return args
+
+
 class SDFTMixin:
     """Adds the teacher, the KD/CKA losses and per-part logging to a Trainer subclass.
 
-    Args:
-        teacher_model: the original (undegraded) model, or its path / Hub id. ``None``
-            loads ``args.teacher_model_name_or_path``; with neither, the training data may be a
-            teacher cache (``hf-sdft cache-teacher``, no teacher is loaded) or the student a PEFT
-            model whose base with adapters disabled is the teacher.
+    The teacher, resolved once (:meth:`_resolve_teacher`), is one of these kinds:
+
+    ======================  ==============================================  ==========================================
+    kind                    given as                                        what gives the targets
+    ======================  ==============================================  ==========================================
+    a model                 ``teacher_model=model``                         its frozen forward, in ``teacher_dtype`` on
+                                                                            ``teacher_device`` (sharded under FSDP /
+                                                                            DeepSpeed ZeRO-3 like the student)
+    a path or Hub id        ``teacher_model="id"`` or                       loaded (Hub kernels only with
+                            ``args.teacher_model_name_or_path``             ``use_kernels``), then as a model
+    the PEFT base           neither, and a PEFT student                     the student with its adapters disabled
+    an EMA of the student   ``teacher_model_kind="ema"``                    a copy of the student, moved toward it
+                                                                            after every optimizer step
+    a teacher cache         neither, and ``train_dataset`` written by       no teacher forward: the batch's cached
+                            ``hf-sdft cache-teacher``                       top-k log-probabilities
+    ======================  ==============================================  ==========================================
+
+    The output loss is chosen once too (``output_loss``): ``fused`` (the heads applied inside the
+    loss, chunk by chunk, never building the logits), ``cache`` (top-k targets from the cache) or
+    ``logits`` (the models' own logits, where a head is not a plain linear layer or ``kd_fused`` is off).
     """
 
     _tag_names = ["hf-sdft", "sdft"]
@@ -78,34 +137,69 @@ class SDFTMixin:
         return optimizer
 
     def __init__(self, model=None, args=None, *pos, teacher_model: nn.Module | str | None = None, **kwargs):
-        if teacher_model is None and getattr(args, "teacher_model_name_or_path", None):
-            teacher_model = args.teacher_model_name_or_path
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, use_kernels=getattr(args, "use_kernels", False))
-        if isinstance(model, str) and hasattr(args, "model_init_kwargs"):  # SFTTrainer loads it: Hub kernels as set
-            args = copy.copy(args)
-            args.model_init_kwargs = {"use_kernels": getattr(args, "use_kernels", False), **(args.model_init_kwargs or {})}
-        if teacher_model is not None and isinstance(model, nn.Module):
+        if teacher_model is None:
+            teacher_model = getattr(args, "teacher_model_name_or_path", None)
+        if isinstance(teacher_model, nn.Module) and isinstance(model, nn.Module):
             check_teacher(model, teacher_model)  # fail before any dataset preparation
         self.teacher_cache = cache_metadata(kwargs.get("train_dataset")) if teacher_model is None else None
         if self.teacher_cache is not None:
-            check_cache(self.teacher_cache, args, model)
-            # rows as numpy arrays: (T, k) blocks collate without walking nested Python lists
-            kwargs["train_dataset"] = kwargs["train_dataset"].with_format("numpy")
-            if kwargs.get("data_collator") is None:
-                kwargs["data_collator"] = pad
-        super().__init__(model, args, *pos, **kwargs)
+            kwargs = self._cache_inputs(kwargs, args, model)
+        super().__init__(model, _with_kernel_default(model, args), *pos, **kwargs)
+        teacher_model = self._resolve_teacher(teacher_model)
+        self._validate()
+        self.on_policy = (OnPolicySampler(self.args, self.processing_class, self._vllm())
+                          if self.args.on_policy_ratio > 0 else None)
+        reference = teacher_model if teacher_model is not None else self.model
+        self.cka_loss_layers = (
+            resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
+        )
+        check_fsdp_launch(self.accelerator)
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
+        self.output_loss = "cache" if self.teacher_cache is not None else "fused" if self.fused_heads else "logits"
+        self.cakld_gamma = self.args.cakld_gamma  # kd_loss cakld: estimated at the first loss when unset
+        # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
+        # counted over labels[..., 1:] (the causal shift compute_loss applies)
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._loss_shifts_labels = True
+        self._sdft_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        from hf_sdft.cka.callback import CKACallback  # here: hf_sdft.cka imports the trainer package
+
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CKACallback):  # it measures against this trainer's teacher
+                cb.bind(self)
+
+    @staticmethod
+    def _cache_inputs(kwargs: dict, args, model) -> dict:
+        """Training on a teacher cache: checked against the student, rows as numpy arrays ((T, k)
+        blocks collate without walking nested Python lists), padded by :func:`~hf_sdft.data.pad`."""
+        check_cache(cache_metadata(kwargs["train_dataset"]), args, model)
+        kwargs = {**kwargs, "train_dataset": kwargs["train_dataset"].with_format("numpy")}
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = pad
+        return kwargs
+
+    def _resolve_teacher(self, teacher: nn.Module | str | None) -> nn.Module | None:
+        """The teacher as one of the kinds of the class docstring's table, checked against the
+        student; None for the PEFT base and the teacher cache (no teacher model is held)."""
         if self.args.teacher_model_kind == "ema":  # starts as the student, then follows it (TRL SDFT's ema teacher)
-            teacher_model = copy.deepcopy(unwrap(self.model))
+            teacher = copy.deepcopy(unwrap(self.model))
             self.add_callback(EMATeacherCallback(self))
-        if teacher_model is None and self.teacher_cache is None and not is_peft(self.model):
+        elif isinstance(teacher, str):
+            teacher = load_teacher(teacher, use_kernels=self.args.use_kernels)
+        if teacher is None and self.teacher_cache is None and not is_peft(self.model):
             raise ValueError(
                 "no teacher: pass teacher_model= (the original model or its path), set "
                 "teacher_model_name_or_path, train on a teacher cache (hf-sdft cache-teacher), "
                 "or train a PEFT student whose base model is the teacher"
             )
-        if teacher_model is not None:
-            check_teacher(self.model, teacher_model)
+        if teacher is not None:
+            check_teacher(self.model, teacher)
+        return teacher
+
+    def _validate(self) -> None:
+        """The checks that need the model, the data or the launch (the config checks its own fields)."""
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "the student has no trainable parameter (was it copied from a frozen teacher?): "
@@ -121,37 +215,11 @@ class SDFTMixin:
                 "column): give chat or prompt/completion data tokenized by hf_sdft.data.tokenize_examples(..., "
                 "teacher_template=args.teacher_prompt_template), as the recovery job does"
             )
-        self.on_policy = (OnPolicySampler(self.args, self.processing_class, self._vllm())
-                          if self.args.on_policy_ratio > 0 else None)
-        reference = teacher_model if teacher_model is not None else self.model
-        self.cka_loss_layers = (
-            resolve_layers(self.args.cka_layers, self.model, reference) if self.args.cka_weight > 0 else []
-        )
-        check_fsdp_launch(self.accelerator)
-        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
-        if getattr(self.args, "loss_type", "nll") != "nll" or self.args.label_smoothing_factor:
-            raise ValueError(
-                "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
-                f"(got {getattr(self.args, 'loss_type', 'nll')!r}, {self.args.label_smoothing_factor})"
-            )
-        if self.cka_loss_layers and self.args.n_gpu > 1:
+        if self.args.cka_weight > 0 and self.args.n_gpu > 1:
             raise ValueError(
                 "cka_weight > 0 under torch.nn.DataParallel (one process, several GPUs) is not supported: "
                 "launch one process per GPU with accelerate launch / torchrun"
             )
-        # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
-        # counted over labels[..., 1:] (the causal shift compute_loss applies)
-        self.cakld_gamma = self.args.cakld_gamma  # kd_loss cakld: estimated at the first loss when unset
-        self.model_accepts_loss_kwargs = True
-        self.loss_is_scaled_for_ga = True
-        self._loss_shifts_labels = True
-        self._sdft_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        from hf_sdft.cka.callback import CKACallback
-
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, CKACallback):
-                cb.bind(self)
 
     def _vllm(self):
         """TRL's vLLM generation for the student (``use_vllm``), or ``None`` (``model.generate``)."""
@@ -295,77 +363,91 @@ class SDFTMixin:
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
-        mode = "train" if model.training else "eval"
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-        model_inputs["use_cache"] = False
-        on_policy = "teacher_input_ids" in inputs  # KD only, on the sampled tokens
-        teacher_inputs = ({name: inputs[key] for key, name in TEACHER_INPUTS.items()} | {"use_cache": False}
-                          if on_policy else model_inputs)
-        kd_ratio = 1.0 if on_policy else args.kd_ratio
-        layers = self.cka_loss_layers
-        heads = self.fused_heads if not return_outputs else None  # callers asking for outputs get logits
-        s_head, t_head = heads or (None, None)
-        with capture_layers(model, layers) as student_hidden, \
+        """Student forward, the teacher's targets, the output loss chosen at init (callers asking
+        for outputs get logits), the CKA loss when on, and the parts kept for logging."""
+        batch = _Batch.of(inputs, self.args.kd_ratio)
+        kind = "logits" if return_outputs and self.output_loss == "fused" else self.output_loss
+        s_head, t_head = self.fused_heads if kind == "fused" else (None, None)
+        with capture_layers(model, self.cka_loss_layers) as student_hidden, \
                 (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
-            outputs = model(**model_inputs)
-        if self.teacher_cache is None:
-            teacher_out, teacher_hidden = self._teacher_forward(teacher_inputs, layers, t_head)
-
-        shift_labels = labels[..., 1:]
-        mask = shift_labels != -100
-        n_local = mask.sum()
-        if not bool(n_local):
-            raise ValueError(
-                "a batch has no supervised token (every label is -100): check max_length/truncation, "
-                "completion_only_loss or how labels are built"
-            )
-        denom = num_items_in_batch if num_items_in_batch is not None else n_local
-        kd_kwargs = dict(loss_type=args.kd_loss, beta=self.kd_weight(), temperature=args.kd_temperature,
-                         num_items_in_batch=1, chunk_size=args.kd_chunk_size)
-        output_grad = torch.is_grad_enabled() and args.output_loss_weight > 0  # else CE and KD are logged only
+            outputs = model(**batch.model_inputs)
+        teacher_out, teacher_hidden = (None, {}) if kind == "cache" else \
+            self._teacher_forward(batch.teacher_inputs, self.cka_loss_layers, t_head)
+        student_out = s_in["hidden"] if kind == "fused" else outputs.logits
+        output_grad = torch.is_grad_enabled() and self.args.output_loss_weight > 0  # else CE and KD are logged only
         # accelerate autocasts the model's forward only: without this the fused heads would multiply
         # float32 master weights in float32 (on a GPU, several times slower than bf16 tensor cores)
         with torch.set_grad_enabled(output_grad), self.accelerator.autocast():
-            if heads is not None:  # one gradient buffer for the weighted sum; kd_ratio 1 builds no CE gradient
-                mixed, kd_sum, ce_sum = fused_linear_kd_ce_loss(
-                    s_in["hidden"][..., :-1, :], s_head.weight, teacher_out[..., :-1, :], t_head.weight, mask,
-                    shift_labels, kd_ratio=kd_ratio, student_head_bias=s_head.bias,
-                    teacher_head_bias=t_head.bias, kernel=args.kd_kernel, **kd_kwargs,
-                )
-            else:
-                student_logits = outputs.logits[..., :-1, :]
-                with torch.set_grad_enabled(output_grad and kd_ratio < 1.0):
-                    ce_sum = token_cross_entropy(student_logits, shift_labels, num_items_in_batch=1)
-                if self.teacher_cache is not None:
-                    cached = [inputs[k][:, :-1] for k in CACHE_COLUMNS]
-                    kd_sum = topk_distillation_loss(student_logits, *cached, mask, **kd_kwargs)
-                else:
-                    kd_sum = distillation_loss(student_logits, teacher_out[..., :-1, :], mask, **kd_kwargs)
-                mixed = (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
-        token_loss = args.output_loss_weight * mixed / denom
-        if num_items_in_batch is not None and args.average_tokens_across_devices:
-            token_loss = token_loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
-        elif num_items_in_batch is None and model.training:
-            token_loss = token_loss / self.current_gradient_accumulation_steps
-        loss = token_loss
-        metrics = {"ce_loss": ce_sum.detach() / n_local, "kd_loss": kd_sum.detach() / n_local}
-
-        if layers:
-            rows = inputs.get("attention_mask")
-            rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-            if on_policy:  # the prompts differ (demonstration): compare the sampled positions only
-                rows = labels != -100
-            ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
-                    for i in layers]
-            cka_loss = (1.0 - torch.stack(ckas).mean()).float()
-            weighted = args.cka_weight * cka_loss
+            mixed, kd_sum, ce_sum = getattr(self, f"_{kind}_output_loss")(student_out, teacher_out, batch, output_grad)
+        loss = self._token_loss(mixed, batch, num_items_in_batch, model.training)
+        metrics = {"ce_loss": ce_sum.detach() / batch.n_local, "kd_loss": kd_sum.detach() / batch.n_local}
+        if self.cka_loss_layers:
+            cka_loss = self._cka_loss(student_hidden, teacher_hidden, batch, self.cka_loss_layers)
+            weighted = self.args.cka_weight * cka_loss
             loss = loss + (weighted / self.current_gradient_accumulation_steps if model.training else weighted)
             metrics["cka_loss"] = cka_loss.detach()
         for key, value in metrics.items():  # kept on the device: reduced (one sync) when logged
-            self._sdft_metrics[mode][key].append(value.float().reshape(()))
+            self._sdft_metrics["train" if model.training else "eval"][key].append(value.float().reshape(()))
         return (loss, outputs) if return_outputs else loss
+
+    def _kd_kwargs(self) -> dict:
+        args = self.args
+        return dict(loss_type=args.kd_loss, beta=self.kd_weight(), temperature=args.kd_temperature,
+                    num_items_in_batch=1, chunk_size=args.kd_chunk_size)
+
+    def _fused_output_loss(self, student_hidden, teacher_hidden, batch: _Batch, output_grad: bool):
+        """Heads applied inside the loss, chunk by chunk: one gradient buffer for the weighted sum
+        (kd_ratio 1 builds no CE gradient)."""
+        s_head, t_head = self.fused_heads
+        return fused_linear_kd_ce_loss(
+            student_hidden[..., :-1, :], s_head.weight, teacher_hidden[..., :-1, :], t_head.weight, batch.mask,
+            batch.shift_labels, kd_ratio=batch.kd_ratio, student_head_bias=s_head.bias, teacher_head_bias=t_head.bias,
+            kernel=self.args.kd_kernel, **self._kd_kwargs(),
+        )
+
+    def _logits_output_loss(self, student_logits, teacher_logits, batch: _Batch, output_grad: bool):
+        """KD on the models' own logits (a head that is not a plain linear layer, or ``kd_fused`` off)."""
+        student_logits = student_logits[..., :-1, :]
+        kd_sum = distillation_loss(student_logits, teacher_logits[..., :-1, :], batch.mask, **self._kd_kwargs())
+        return self._mix(student_logits, kd_sum, batch, output_grad)
+
+    def _cache_output_loss(self, student_logits, _teacher, batch: _Batch, output_grad: bool):
+        """KD on a teacher cache's top-k log-probabilities (and the tail's mass)."""
+        student_logits = student_logits[..., :-1, :]
+        cached = [batch.inputs[k][:, :-1] for k in CACHE_COLUMNS]
+        kd_sum = topk_distillation_loss(student_logits, *cached, batch.mask, **self._kd_kwargs())
+        return self._mix(student_logits, kd_sum, batch, output_grad)
+
+    @staticmethod
+    def _mix(student_logits, kd_sum, batch: _Batch, output_grad: bool):
+        """(1 − kd_ratio)·CE + kd_ratio·KD, CE's graph built only when it is weighted."""
+        with torch.set_grad_enabled(output_grad and batch.kd_ratio < 1.0):
+            ce_sum = token_cross_entropy(student_logits, batch.shift_labels, num_items_in_batch=1)
+        return (1.0 - batch.kd_ratio) * ce_sum + batch.kd_ratio * kd_sum, kd_sum, ce_sum
+
+    def _token_loss(self, mixed, batch: _Batch, num_items_in_batch, training: bool):
+        """The output loss per supervised token of the whole accumulated batch, scaled as the
+        Trainer's backward expects."""
+        denom = num_items_in_batch if num_items_in_batch is not None else batch.n_local
+        loss = self.args.output_loss_weight * mixed / denom
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            return loss * self.accelerator.num_processes  # DDP averages the per-rank gradients
+        if num_items_in_batch is None and training:
+            return loss / self.current_gradient_accumulation_steps
+        return loss
+
+    @staticmethod
+    def _cka_loss(student_hidden: dict, teacher_hidden: dict, batch: _Batch, layers) -> torch.Tensor:
+        """1 − mean linear CKA over the CKA layers, on the real (attended) positions; on-policy
+        batches compare the sampled positions only (the prompts differ under a demonstration)."""
+        labels = batch.labels
+        rows = batch.inputs.get("attention_mask")
+        rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+        if batch.on_policy:
+            rows = labels != -100
+        ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
+                for i in layers]
+        return (1.0 - torch.stack(ckas).mean()).float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

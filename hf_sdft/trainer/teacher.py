@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from hf_sdft.modeling import from_pretrained, is_peft, output_vocab_size, unwrap
+from hf_sdft.modeling import check_vocabularies, evaluating, from_pretrained, is_peft, output_vocab_size, unwrap
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -28,12 +28,7 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
             "teacher_model shares weight tensors with the student, so training the student would change the teacher: "
             "load or deepcopy the teacher separately"
         )
-    vs, vt = output_vocab_size(student), output_vocab_size(teacher)
-    if vs != vt:
-        raise ValueError(
-            f"student and teacher vocabularies differ: student has {vs} output logits, teacher {vt}. "
-            "SDFT needs the same tokenizer on both sides; resize_token_embeddings() one of them or pick a matching teacher"
-        )
+    check_vocabularies(output_vocab_size(student), output_vocab_size(teacher))
 
 
 def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto", use_kernels: bool = False) -> nn.Module:
@@ -86,12 +81,7 @@ def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[n
         peft_model = unwrap(student)
         if not is_peft(peft_model):
             raise ValueError("teacher_model=None needs a PEFT student (its base model is the teacher)")
-        was_training = peft_model.training
-        peft_model.eval()  # no dropout in the teacher's targets
-        try:
-            with peft_model.disable_adapter():
-                yield peft_model
-        finally:
-            peft_model.train(was_training)
+        with evaluating(peft_model), peft_model.disable_adapter():  # no dropout in the teacher's targets
+            yield peft_model
 
 

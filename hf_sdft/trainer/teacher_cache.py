@@ -105,7 +105,7 @@ def cache_teacher(teacher, dataset: Dataset, output_dir: str | Path, *, top_k: i
 
 def check_cache(meta: dict, args, student) -> None:
     """Raise when cached teacher outputs cannot train this student with these settings."""
-    from hf_sdft.modeling import output_vocab_size
+    from hf_sdft.modeling import check_vocabularies, output_vocab_size
 
     if args.cka_weight > 0:
         raise ValueError("cka_weight > 0 needs the teacher's hidden states, which a teacher cache does not hold: "
@@ -113,7 +113,5 @@ def check_cache(meta: dict, args, student) -> None:
     if meta.get("temperature", 1.0) != args.kd_temperature:
         raise ValueError(f"the teacher cache was written at temperature {meta.get('temperature')} but kd_temperature is "
                          f"{args.kd_temperature}: use the same, or write the cache again")
-    vocab = meta.get("vocab_size")
-    if vocab is not None and vocab != output_vocab_size(student):
-        raise ValueError(f"the teacher cache is over {vocab} tokens but the student has {output_vocab_size(student)} "
-                         "output logits: their vocabularies differ")
+    if meta.get("vocab_size") is not None:
+        check_vocabularies(output_vocab_size(student), meta["vocab_size"], teacher_name="teacher cache")

@@ -285,11 +285,12 @@ class TestErrors:
         with pytest.raises(ValueError, match="the student has no trainable parameter"):
             sdft_trainer(tmp_path, make_model().requires_grad_(False), make_model(), tokenizer, texts)
 
-    def test_unsupported_sft_loss_options(self, tmp_path, tokenizer, texts):
-        args = SDFTSFTConfig(output_dir=str(tmp_path), **cpu_args(gradient_checkpointing=False), loss_type="dft")
+    def test_unsupported_sft_loss_options(self, tmp_path):
+        """Refused by the config itself, before any trainer or dataset is built."""
         with pytest.raises(ValueError, match="loss_type must be 'nll'"):
-            SDFTSFTTrainer(model=make_model(), args=args, teacher_model=make_model(seed=1), processing_class=tokenizer,
-                           train_dataset=Dataset.from_dict({"text": texts}))
+            SDFTSFTConfig(output_dir=str(tmp_path), **cpu_args(gradient_checkpointing=False), loss_type="dft")
+        with pytest.raises(ValueError, match="label_smoothing_factor 0"):
+            SDFTConfig(output_dir=str(tmp_path), **cpu_args(), label_smoothing_factor=0.1)
 
     def test_no_teacher(self, tmp_path, tokenizer, texts):
         with pytest.raises(ValueError, match="no teacher: pass teacher_model="):
