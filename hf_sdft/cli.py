@@ -1,4 +1,5 @@
-"""``hf-sdft`` command line: recover, degrade, eval, card.
+"""``hf-sdft`` command line. Each verb is declared once (:data:`VERBS`, by :func:`verb`) and parsed
+the same way: TrlParser over the verb's dataclasses, with ``--config RECIPE.yaml`` where it takes one.
 
     hf-sdft recover [--config recipes/quanto-int4.yaml] [--field value ...]
     accelerate launch -m hf_sdft.cli recover --config recipes/prune-50.yaml
@@ -6,45 +7,77 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import sys
-
-USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,rewrite,eval,card} ...
-
-  recover        degrade a model, recover it by self-distillation, print the results table
-                 (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
-  degrade        write the degraded student only
-  cache-teacher  run the teacher once over a recipe's training data and save its top-k outputs
-                 (--top_k 64 --output_dir DIR; then recover with --teacher_cache DIR)
-  study          does CKA track recovery, and cause it? recover under several arms (ce, kd, kd+cka,
-                 cka, head-kd) and seeds, correlate CKA with perplexity (--arms, --seeds; study.md)
-  rewrite        the original model rewrites a fine-tuning set's responses in its own words
-                 (--train_file DATA.jsonl --output_file OUT.jsonl; resumable)
-  eval           perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher
-  card           (re)build the model card of a recovery output folder
-
-Your own student: hf-sdft recover --model_name_or_path ORIGINAL --student_name_or_path STUDENT
-
-Options of recover/degrade: --config RECIPE.yaml and any field of RecoveryArguments,
-SDFTConfig (transformers TrainingArguments + kd_*/cka_*) or TRL's ModelConfig.
-"""
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 
-def _recipe_parser(*extra):
-    """A recipe's dataclasses (job, training, TRL model fields), then any ``extra`` ones."""
-    from trl import ModelConfig, TrlParser
+@dataclass(frozen=True)
+class Verb:
+    """A verb: ``run`` is called with one instance of each of ``dataclasses`` (``"module:Class"``
+    names, imported only when the verb runs, so that ``hf-sdft --help`` loads no torch)."""
 
-    from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
+    name: str
+    help: str
+    run: Callable
+    dataclasses: tuple[str, ...]
+    config: bool = False  # takes --config RECIPE.yaml
+    positional: str | None = None  # a bare first argument is this field's value
 
-    return TrlParser((RecoveryArguments, RecoveryConfig, ModelConfig, *extra))
+    def parser(self):
+        from trl import TrlParser
+
+        types = [getattr(importlib.import_module(module), name)
+                 for module, name in (spec.split(":") for spec in self.dataclasses)]
+        return TrlParser(types, prog=f"hf-sdft {self.name}", description=self.help)
+
+    def parse(self, argv: Sequence[str]) -> tuple:
+        argv = list(argv)
+        if self.positional and argv and not argv[0].startswith("-"):
+            argv[:1] = [f"--{self.positional}", argv[0]]
+        parser = self.parser()
+        return parser.parse_args_and_config(argv) if self.config else parser.parse_args_into_dataclasses(argv)
+
+    def __call__(self, argv: Sequence[str]):
+        return self.run(*self.parse(argv))
 
 
-def cmd_recover(argv: list[str]) -> dict:
+VERBS: dict[str, Verb] = {}
+RECIPE = ("hf_sdft.jobs.config:RecoveryArguments", "hf_sdft.jobs.config:RecoveryConfig", "trl:ModelConfig")
+
+
+def verb(name: str, help: str, *dataclasses: str, config: bool = False, positional: str | None = None):
+    """Register the decorated function as the verb ``name``."""
+    def register(run: Callable) -> Callable:
+        VERBS[name] = Verb(name, help, run, dataclasses, config, positional)
+        return run
+
+    return register
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    recipes = ", ".join(v.name for v in VERBS.values() if v.config)
+    return "\n".join([
+        f"usage: hf-sdft {{{','.join(VERBS)}}} [--field value ...]", "",
+        *(f"  {v.name:<{width}}  {v.help}" for v in VERBS.values()), "",
+        f"--config RECIPE.yaml (recipes/) with: {recipes}. Each verb's fields: hf-sdft VERB --help",
+    ])
+
+
+def _recipe_parser():
+    """The parser of a recipe's dataclasses (job, training, TRL model fields): ``recover``'s."""
+    return VERBS["recover"].parser()
+
+
+@verb("recover", "degrade a model, recover it by self-distillation, print the results table (no arguments: the "
+      "embedded model, int4)", *RECIPE, config=True)
+def cmd_recover(rec, args, model_args) -> dict:
     from hf_sdft.jobs.recover import run_recovery
     from hf_sdft.jobs.stats import format_table
 
-    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     stats = run_recovery(rec, args, model_args)
     if args.process_index == 0:
         print(format_table(stats))
@@ -52,11 +85,11 @@ def cmd_recover(argv: list[str]) -> dict:
     return stats
 
 
-def cmd_degrade(argv: list[str]) -> None:
+@verb("degrade", "write the degraded student only", *RECIPE, config=True)
+def cmd_degrade(rec, args, model_args) -> None:
     from hf_sdft.compress.student import save_student
     from hf_sdft.jobs.recover import degraded_student, load
 
-    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
     original = load(rec, args, model_args)
     student = degraded_student(original.model, original.tokenizer, original.data, rec, args)
     if args.should_save:
@@ -64,13 +97,14 @@ def cmd_degrade(argv: list[str]) -> None:
         print(f"degraded student ({rec.degradation}) saved to {args.output_dir}")
 
 
-def cmd_cache_teacher(argv: list[str]) -> dict:
+@verb("cache-teacher", "run the teacher once over a recipe's training data and save its top-k outputs "
+      "(then: recover --teacher_cache DIR)", *RECIPE, "hf_sdft.trainer.teacher_cache:CacheArguments", config=True)
+def cmd_cache_teacher(rec, args, model_args, cache) -> dict:
     import torch
 
     from hf_sdft.jobs.recover import load
-    from hf_sdft.trainer.teacher_cache import CacheArguments, cache_teacher
+    from hf_sdft.trainer.teacher_cache import cache_teacher
 
-    rec, args, model_args, cache = _recipe_parser(CacheArguments).parse_args_and_config(argv)
     original = load(rec, args, model_args)
     teacher = original.model.to(args.device, args.resolve_teacher_dtype(torch.float32))
     meta = cache_teacher(teacher, original.data.train, args.output_dir, top_k=cache.top_k,
@@ -82,10 +116,11 @@ def cmd_cache_teacher(argv: list[str]) -> dict:
     return meta
 
 
-def cmd_study(argv: list[str]) -> dict:
-    from hf_sdft.jobs.study import StudyArguments, run_study
+@verb("study", "does CKA track recovery, and cause it? recover under several arms and seeds, correlate CKA with "
+      "perplexity (study.md)", *RECIPE, "hf_sdft.jobs.study:StudyArguments", config=True)
+def cmd_study(rec, args, model_args, study) -> dict:
+    from hf_sdft.jobs.study import run_study
 
-    rec, args, model_args, study = _recipe_parser(StudyArguments).parse_args_and_config(argv)
     result = run_study(rec, args, model_args, study)
     if args.process_index == 0:
         print("\n".join(f"- {line}" for line in result["verdicts"]))
@@ -93,14 +128,15 @@ def cmd_study(argv: list[str]) -> dict:
     return result
 
 
-def cmd_rewrite(argv: list[str]) -> dict:
-    from transformers import AutoTokenizer, HfArgumentParser
+@verb("rewrite", "the original model rewrites a fine-tuning set's responses in its own words (resumable)",
+      "hf_sdft.jobs.rewrite:RewriteArguments")
+def cmd_rewrite(a) -> dict:
+    from transformers import AutoTokenizer
 
     from hf_sdft.compress.student import load_model, model_folder
     from hf_sdft.data import default_model_path
-    from hf_sdft.jobs.rewrite import RewriteArguments, rewrite_file
+    from hf_sdft.jobs.rewrite import rewrite_file
 
-    (a,) = HfArgumentParser(RewriteArguments).parse_args_into_dataclasses(argv)
     if a.train_file is None or a.output_file is None:
         raise SystemExit("hf-sdft rewrite needs --train_file DATA.jsonl and --output_file OUT.jsonl")
     name = a.model_name_or_path or default_model_path()
@@ -111,7 +147,9 @@ def cmd_rewrite(argv: list[str]) -> dict:
     return counts
 
 
-def cmd_eval(argv: list[str]) -> dict:
+@verb("eval", "perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher",
+      "hf_sdft.jobs.evaluation:EvalArguments", "hf_sdft.jobs.evaluation:EvalDataArguments")
+def cmd_eval(ev, rec) -> dict:
     from transformers import AutoTokenizer
 
     from hf_sdft.cka.measure import measure_cka, per_layer
@@ -119,56 +157,48 @@ def cmd_eval(argv: list[str]) -> dict:
     from hf_sdft.data import data_format, default_data_file, held_out, load_examples
     from hf_sdft.jobs.evaluation import perplexity
 
-    p = argparse.ArgumentParser(prog="hf-sdft eval", description="Perplexity, per-layer CKA and lm-eval task "
-                                "scores of a student vs its teacher.")
-    p.add_argument("--student", required=True, help="folder or Hub id (transformers, quanto, PEFT adapters)")
-    p.add_argument("--teacher", required=True, help="the original model: folder or Hub id")
-    p.add_argument("--eval_file", default=None, help="held-out data (default: the embedded default's eval split)")
-    p.add_argument("--dataset_text_field", default="text")
-    p.add_argument("--txt_sample_by", default="document", help="document | paragraph | line (.txt files)")
-    p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--max_eval_blocks", type=int, default=200)
-    p.add_argument("--probe_blocks", type=int, default=32)
-    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (hf-sdft[eval])")
-    p.add_argument("--limit", type=int, default=None, help="cap on examples per lm-eval task")
-    a = p.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(a.teacher, "--teacher"))
-    ds = load_examples(data_file=a.eval_file or default_data_file("eval"), txt_sample_by=a.txt_sample_by)
-    held = held_out(tokenizer, ds, data_format(ds, a.dataset_text_field), block_size=a.block_size,
-                    max_items=a.max_eval_blocks, probe_items=a.probe_blocks, text_field=a.dataset_text_field)
-    student, teacher = load_model(a.student), load_model(a.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(ev.teacher, "--teacher"))
+    ds = load_examples(data_file=rec.eval_file or default_data_file("eval"), txt_sample_by=rec.txt_sample_by)
+    held = held_out(tokenizer, ds, data_format(ds, rec.dataset_text_field), block_size=rec.block_size,
+                    max_items=rec.max_eval_blocks, probe_items=rec.probe_blocks, text_field=rec.dataset_text_field,
+                    batch_size=rec.eval_batch_size)
+    student, teacher = load_model(ev.student), load_model(ev.teacher)
     layers, cka = measure_cka(student, teacher, held.probe_batches)
     result = {
         "perplexity": {"student": perplexity(student, held.batches), "teacher": perplexity(teacher, held.batches)},
         "cka": per_layer(layers, cka),
         "cka_mean": float(cka.mean()),
     }
-    if a.tasks:
+    if rec.eval_tasks:
         from hf_sdft.jobs.downstream import evaluate_tasks
 
-        result["downstream"] = {name: evaluate_tasks(model, tokenizer, a.tasks, limit=a.limit)
+        result["downstream"] = {name: evaluate_tasks(model, tokenizer, rec.eval_tasks, limit=rec.eval_limit)
                                 for name, model in (("student", student), ("teacher", teacher))}
     print(json.dumps(result, indent=2))
     return result
 
 
-def cmd_card(argv: list[str]):
-    from hf_sdft.jobs.cards import cmd_card as build
+@verb("card", "(re)build the model card and plots of a recovery output folder: hf-sdft card FOLDER",
+      "hf_sdft.jobs.cards:CardArguments", positional="output_dir")
+def cmd_card(a):
+    from hf_sdft.jobs.cards import write_card
 
-    return build(argv)
+    path = write_card(a.output_dir, a.repo_id)
+    print(f"wrote {path}")
+    return path
 
 
-COMMANDS = {"recover": cmd_recover, "degrade": cmd_degrade, "cache-teacher": cmd_cache_teacher, "study": cmd_study, "rewrite": cmd_rewrite,
-            "eval": cmd_eval,
-            "card": cmd_card}
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return
+    if not argv or argv[0] not in VERBS:
+        print(usage(), file=sys.stderr)
+        if argv:
+            print(f"\nhf-sdft: unknown verb {argv[0]!r}", file=sys.stderr)
+        raise SystemExit(2)
+    VERBS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

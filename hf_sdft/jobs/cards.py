@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -32,6 +32,16 @@ DEGRADATION_LABELS = {
     "clip_search": "clipping search", "clip_groups_shrunk": "fraction of groups clipped",
     "clip_mean_ratio": "mean clipping ratio", "learned_scales": "scales and shifts learned in QAT",
 }
+
+
+@dataclass
+class CardArguments:
+    """``hf-sdft card`` options."""
+
+    output_dir: str = field(metadata={"help": f"Folder written by hf-sdft recover (holds {STATS_FILE}); may also be "
+                                      "given bare, as the first argument."})
+    repo_id: str | None = field(
+        default=None, metadata={"help": "Hub repo the folder will be pushed to (used in the loading code)."})
 
 
 def degradation_rows(degradation: dict) -> list[tuple[str, str]]:
@@ -220,14 +230,3 @@ def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, 
     write_card(output_dir, repo_id)
     return api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=list(IGNORE_PATTERNS),
                              commit_message="Upload model recovered with hf-sdft")
-
-
-def cmd_card(argv: list[str]) -> Path:
-    """``hf-sdft card OUTPUT_DIR [--repo_id ID]``: (re)build the plots and README.md."""
-    p = argparse.ArgumentParser(prog="hf-sdft card", description="(Re)build the model card of a recovery output.")
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=f"folder written by hf-sdft recover (holds {STATS_FILE})")
-    p.add_argument("--repo_id", default=None, help="Hub repo the folder will be pushed to (used in the loading code)")
-    a = p.parse_args(argv)
-    path = write_card(a.output_dir, a.repo_id)
-    print(f"wrote {path}")
-    return path

@@ -108,9 +108,10 @@ class RecoveryArguments:
         default=None, metadata={"help": "A folder written by hf-sdft cache-teacher: train from the teacher's cached "
                                 "top-k outputs instead of running it (the original still measures perplexity and CKA)."})
     eval_tasks: str | None = field(
-        default=None, metadata={"help": "lm-evaluation-harness tasks scored on teacher, degraded and recovered "
-                                "models (comma-separated; needs hf-sdft[eval]), e.g. sdft_kjv_nextline."})
-    eval_limit: int | None = field(default=None, metadata={"help": "Cap on examples per lm-eval task."})
+        default=None, metadata={"aliases": ["--tasks"], "help": "lm-evaluation-harness tasks scored on every model "
+                                "measured (comma-separated; needs hf-sdft[eval]), e.g. sdft_kjv_nextline."})
+    eval_limit: int | None = field(
+        default=None, metadata={"aliases": ["--limit"], "help": "Cap on examples per lm-eval task."})
 
     def __post_init__(self):
         choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,

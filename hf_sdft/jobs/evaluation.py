@@ -1,9 +1,11 @@
-"""Perplexity of a causal LM over fixed batches, exact under several processes."""
+"""Perplexity of a causal LM over fixed batches, exact under several processes; ``hf-sdft eval``'s arguments."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +14,32 @@ from tqdm.auto import tqdm
 
 from hf_sdft.cka.measure import measure_cka, per_layer
 from hf_sdft.distributed import all_reduce_sum, progress_disabled, shard
+from hf_sdft.jobs.config import RecoveryArguments
 from hf_sdft.modeling import evaluating, unwrap
 from hf_sdft.trainer.losses import distillation_loss
+
+
+@dataclass
+class EvalArguments:
+    """``hf-sdft eval``'s two models (its data fields: :class:`EvalDataArguments`)."""
+
+    student: str = field(metadata={"help": "Folder or Hub id (transformers, quanto, PEFT adapters)."})
+    teacher: str = field(metadata={"help": "The original model: folder or Hub id."})
+
+
+def _check_data(self):
+    RecoveryArguments(**asdict(self))  # RecoveryArguments' own checks (txt_sample_by, eval_file exists)
+
+
+# hf-sdft eval's data and lm-eval fields: RecoveryArguments' own (help, defaults, --tasks / --limit), none other
+EVAL_DATA_FIELDS = ("eval_file", "dataset_text_field", "txt_sample_by", "block_size", "max_eval_blocks",
+                    "probe_blocks", "eval_batch_size", "eval_tasks", "eval_limit")
+EvalDataArguments = make_dataclass(
+    "EvalDataArguments",
+    [(f.name, get_type_hints(RecoveryArguments)[f.name], field(default=f.default, metadata=f.metadata))
+     for f in fields(RecoveryArguments) if f.name in EVAL_DATA_FIELDS],
+    namespace={"__post_init__": _check_data, "__module__": __name__},
+)
 
 
 @torch.no_grad()

@@ -10,10 +10,11 @@ from huggingface_hub import ModelCard
 from matplotlib.image import imread
 from trl import ModelConfig
 
+from hf_sdft.cli import main
 from hf_sdft.compress.quantize import load_quantized
 from hf_sdft.data import as_batches, load_texts, pack_blocks
 from hf_sdft.jobs import cards
-from hf_sdft.jobs.cards import STATS_FILE, build_card, cmd_card, push_recovered, upload_plan, write_card
+from hf_sdft.jobs.cards import STATS_FILE, build_card, push_recovered, upload_plan, write_card
 from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
 from hf_sdft.jobs.evaluation import perplexity
 from hf_sdft.jobs.plots import PIXELS
@@ -98,7 +99,8 @@ def test_loading_code_in_the_card_loads_the_recovered_student(run):
 
 def test_repo_id_goes_into_the_loading_code(run, tmp_path, capsys):
     folder = variant(run, tmp_path)
-    path = cmd_card([str(folder), "--repo_id", "someone/tiny-int4-sdft"])
+    main(["card", str(folder), "--repo_id", "someone/tiny-int4-sdft"])
+    path = folder / "README.md"
     text = path.read_text()
     assert 'load_quantized("someone/tiny-int4-sdft")' in text and str(folder) not in text
     assert ModelCard.load(path).data.to_dict()["model-index"][0]["name"] == "tiny-int4-sdft"
