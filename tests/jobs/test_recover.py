@@ -277,6 +277,16 @@ class TestBadInput:
         with pytest.raises(ValueError, match="no text field 'text' \\(columns: content\\): set dataset_text_field"):
             recover(tiny, tmp_path / "out", "--train_file", str(f))
 
+    def test_malformed_jsonl_fails_before_any_training(self, tiny, tmp_path, monkeypatch):
+        import hf_sdft.jobs.recover as job
+
+        f = tmp_path / "bad.jsonl"
+        f.write_text('{"text": "in the beginning"}\n{"text": "and the earth"}\n{"text": "was without form\n')
+        monkeypatch.setattr(job, "make_student", lambda *a: pytest.fail("got past loading the data"))
+        with pytest.raises(ValueError, match=r"bad\.jsonl line 3 is not valid JSON \(Unterminated string starting "
+                                             r"at column 10\): fix or remove that line"):
+            recover(tiny, tmp_path / "out", "--train_file", str(f))
+
     @pytest.mark.parametrize("flags,msg", [
         (["--quant_weights", "int3"], "unsupported weight bit width 'int3'"),
         (["--degradation", "prune", "--prune_pattern", "3:8:1"], "pattern"),
