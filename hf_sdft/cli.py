@@ -13,7 +13,7 @@ import sys
 USAGE = """usage: hf-sdft {recover,degrade,cache-teacher,study,rewrite,eval,card} ...
 
   recover        degrade a model, recover it by self-distillation, print the results table
-                 (no arguments: the embedded default model, int4, ~5 minutes on 2 CPU cores)
+                 (no arguments: the embedded default model, int2 in groups of 32, ~2 minutes on 2 CPU cores)
   degrade        write the degraded student only
   cache-teacher  run the teacher once over a recipe's training data and save its top-k outputs
                  (--top_k 64 --output_dir DIR; then recover with --teacher_cache DIR)
