@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,8 @@ TEACHER_PROMPT = "teacher_prompt_ids"  # column: the demonstration teacher's pro
 RAGGED_FILL = -100  # fill of a collated TEACHER_PROMPT column (its rows have their own lengths)
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EXTENSIONS = (".txt", *TABLE_BUILDERS)
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
 DEFAULT_SPLITS = {  # shipped with the embedded default model: (train, eval, narrow train, narrow eval)
     "text": ("train", "eval", "narrow_train", "narrow_eval"),
     "chat": ("chat_train", "chat_eval", "narrow_chat_train", "narrow_chat_eval"),
@@ -63,6 +67,39 @@ def read_txt(path: str | Path, sample_by: str = "document") -> list[str]:
     return [d for d in docs if d.strip()]
 
 
+def jsonl_row(path: Path, number: int, line: bytes) -> dict:
+    """One line of a JSON Lines file as a row (a JSON object); raises naming the file and line."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} line {number} {what}: fix or remove that line")
+
+    try:
+        row = json.loads(line.rstrip())  # the line end is not part of the row (nor of an unterminated string)
+    except UnicodeDecodeError:
+        raise bad("is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise bad(f"is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise bad(f"holds {JSON_KINDS.get(type(row), type(row).__name__)}, not a JSON object {{...}} (one row a line)")
+    return row
+
+
+def jsonl_rows(path: str | Path) -> Iterator[dict]:
+    """The rows of a JSON Lines file, one JSON object a line; blank lines are skipped (as
+    ``datasets`` skips them). A bad line raises a ``ValueError`` naming the file and the line (1-based)."""
+    path = Path(path)
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield jsonl_row(path, number, line)
+
+
+def check_jsonl(path: str | Path) -> None:
+    """Raise before ``datasets`` reads ``path`` (whose own error names no line) when a line is not
+    a JSON object, or when the file holds no row."""
+    if sum(1 for _ in jsonl_rows(path)) == 0:
+        raise ValueError(f"data file {path} is empty: give a file that holds rows, one JSON object a line")
+
+
 def load_examples(
     *, dataset_name: str | None = None, dataset_config_name: str | None = None, data_file: str | None = None,
     split: str = "train", txt_sample_by: str = "document",
@@ -78,6 +115,8 @@ def load_examples(
             raise ValueError(f"data file {data_file} is empty: give a file that holds text")
         if path.suffix == ".txt":
             return Dataset.from_dict({"text": read_txt(path, txt_sample_by)})
+        if path.suffix == ".jsonl":
+            check_jsonl(path)
         return load_dataset(TABLE_BUILDERS[path.suffix], data_files={"data": str(path)}, split="data")
     if dataset_name is not None:
         return load_dataset(dataset_name, dataset_config_name, split=split)

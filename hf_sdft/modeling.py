@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,14 +130,30 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
 
 
+def check_safetensors(folder) -> None:
+    """Raise an ``OSError`` naming the file when a ``*.safetensors`` file of a local model folder is
+    truncated or corrupt (safetensors' own error names no file). Reads only each file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise OSError(f"{file.resolve()} is truncated or corrupt ({err}): re-save the model there, or "
+                          "re-download it (delete the file first)") from None
+
+
 def from_pretrained(name_or_path, *, use_kernels: bool = False, **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with transformers' Hub kernels off unless
     ``use_kernels``. transformers (with the ``kernels`` package) otherwise kernelizes every model
     it loads, fetching ``kernels-community/*`` layers from the Hub on load and on ``model.train()``,
     which fails offline (HF_HUB_OFFLINE=1) when they are not cached. Every model hf-sdft loads
-    by name goes through here."""
+    by name goes through here; a local folder's weights are checked first (:func:`check_safetensors`)."""
     from transformers import AutoModelForCausalLM
 
+    if Path(name_or_path).is_dir():
+        check_safetensors(name_or_path)
     return AutoModelForCausalLM.from_pretrained(name_or_path, use_kernels=use_kernels, **kwargs)
 
 

@@ -168,6 +168,27 @@ class TestBadInput:
             load_recovery_data(RecoveryArguments(default_data="chat", eval_file=str(tmp_path / "eval.jsonl")),
                                kjv_tokenizer, True)
 
+    def test_jsonl_line_that_is_not_json_names_file_and_line(self, tmp_path):
+        bad = tmp_path / "data.jsonl"
+        bad.write_text('{"text": "a"}\n\n{"text": "c" "d"}\n{"text": "e"}\n')  # line 2 blank, line 3 bad
+        with pytest.raises(ValueError, match=r"data\.jsonl line 3 is not valid JSON \(Expecting ',' delimiter at "
+                                             r"column 14\): fix or remove that line"):
+            load_examples(data_file=str(bad))
+
+    def test_jsonl_line_that_is_not_an_object(self, tmp_path):
+        bad = tmp_path / "data.jsonl"
+        bad.write_text('{"text": "a"}\n["b"]\n')
+        with pytest.raises(ValueError, match=r"data\.jsonl line 2 holds an array, not a JSON object"):
+            load_examples(data_file=str(bad))
+
+    def test_jsonl_blank_lines_are_skipped_as_datasets_does(self, tmp_path):
+        f = tmp_path / "data.jsonl"
+        f.write_text('{"text": "a"}\n\n  \n{"text": "b"}\n')
+        assert load_examples(data_file=str(f))["text"] == ["a", "b"]
+        (tmp_path / "blank.jsonl").write_text("\n \n")
+        with pytest.raises(ValueError, match="blank.jsonl is empty"):
+            load_examples(data_file=str(tmp_path / "blank.jsonl"))
+
     def test_unknown_sample_by(self):
         with pytest.raises(ValueError, match="txt_sample_by='page': choose one of document, paragraph, line"):
             RecoveryArguments(txt_sample_by="page")

@@ -35,6 +35,7 @@ from torch import nn
 from hf_sdft.compress.base import Degradation, register_degradation
 from hf_sdft.compress.calibration import layer_tokens, run_calibration
 from hf_sdft.compress.fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
+from hf_sdft.modeling import check_safetensors
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
 ACTIVATION_TYPES = {"int8": qint8, "fp8": qfloat8}
@@ -268,6 +269,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfold
     missing = [f for f in (WEIGHTS_FILE, QMAP_FILE, "config.json") if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a quanto checkpoint saved by save_quantized: missing {missing}")
+    check_safetensors(path)
     use_pure_kernels()
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     qmap = json.loads((path / QMAP_FILE).read_text())

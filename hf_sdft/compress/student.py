@@ -22,7 +22,15 @@ from hf_sdft.compress.quantize import (
     save_quantized,
     thaw_quantized,
 )
-from hf_sdft.modeling import check_vocabularies, from_pretrained, is_peft, num_layers, output_vocab_size, unwrap
+from hf_sdft.modeling import (
+    check_safetensors,
+    check_vocabularies,
+    from_pretrained,
+    is_peft,
+    num_layers,
+    output_vocab_size,
+    unwrap,
+)
 
 QUANTIZED_BASE = "quantized_base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,6 +82,7 @@ def load_model(name_or_path: str, use_kernels: bool = False) -> nn.Module:
     if (folder / ADAPTER_CONFIG).exists():
         from peft import PeftModel
 
+        check_safetensors(folder)  # the adapters' weights
         if (folder / QUANTIZED_BASE / QMAP_FILE).exists():
             base = load_quantized(folder, subfolder=QUANTIZED_BASE)
         else:

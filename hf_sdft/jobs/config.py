@@ -36,10 +36,12 @@ class RecoveryArguments:
         default=True, metadata={"help": "Keep the zeros of a pruned student exactly (masks detected from its weights)."}
     )
     degradation: str = field(default="quanto", metadata={"help": f"One of {', '.join(DEGRADATION_KINDS)}."})
-    quant_weights: str = field(default="int4", metadata={"help": "int8 | int4 | int2"})
+    quant_weights: str = field(
+        default="int2", metadata={"help": "int8 | int4 | int2 (default int2 in groups of 32, as recipes/quanto-int2.yaml: "
+                                  "a degradation the embedded model feels; int4 barely hurts it)"})
     quant_activations: str | None = field(default=None, metadata={"help": "None | int8 | fp8"})
     quant_group_size: str = field(
-        default="channel", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
+        default="32", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
     )
     quant_clip_search: bool = field(
         default=False,
@@ -170,7 +172,7 @@ class RecoveryConfig(SDFTConfig):
     model's own small-model settings (``hf-sdft recover`` with no arguments, on CPU); the recipes in
     ``recipes/`` set real-model values (learning rate, accumulation, bf16)."""
 
-    output_dir: str | None = "outputs/quanto-int4"
+    output_dir: str | None = "outputs/quanto-int2"
     max_steps: int = 300
     per_device_train_batch_size: int = 16
     learning_rate: float = 1e-3

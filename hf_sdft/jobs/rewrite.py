@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_sdft.data import _chat_ids, message_text, split_prompt
+from hf_sdft.data import _chat_ids, jsonl_rows, message_text, split_prompt
 from hf_sdft.trainer.on_policy import pad_token_id, padded
 
 DEFAULT_TEMPLATE = (
@@ -110,10 +110,10 @@ def rewrite_file(model, tokenizer, args: RewriteArguments) -> dict:
     """Rewrite ``args.train_file`` into ``args.output_file`` (resuming after the rows already there);
     returns ``{"rows", "rewritten", "kept", "skipped"}``."""
     source, target = Path(args.train_file), Path(args.output_file)
-    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    rows = list(jsonl_rows(source))
     if not rows:
         raise ValueError(f"{source} holds no rows to rewrite")
-    done = [json.loads(line) for line in target.read_text().splitlines() if line.strip()] if target.exists() else []
+    done = list(jsonl_rows(target)) if target.exists() else []
     if len(done) > len(rows):
         raise ValueError(f"{target} has more rows ({len(done)}) than {source} ({len(rows)}): a different file?")
     target.parent.mkdir(parents=True, exist_ok=True)

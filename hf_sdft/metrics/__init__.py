@@ -2,7 +2,7 @@
 
     import evaluate
     from hf_sdft.metrics import metric_path
-    ppl = evaluate.load(metric_path("perplexity")).compute(predictions=texts, model_id="outputs/quanto-int4")
+    ppl = evaluate.load(metric_path("perplexity")).compute(predictions=texts, model_id="outputs/quanto-int2")
 """
 
 from importlib import resources

@@ -3,6 +3,8 @@ a pruned checkpoint with plain zeros, a quantized folder (hf-sdft's or quanto's 
 PEFT adapter folder; and the errors for students that do not match their original."""
 
 import copy
+import re
+import shutil
 
 import pytest
 import torch
@@ -159,6 +161,42 @@ def test_adapter_folder_is_recovered_as_adapters(tiny, tmp_path):
     with reloaded.disable_adapter():  # the base was not trained: adapters off, the original's logits
         ids = torch.tensor([[3, 4, 5, 6]])
         assert torch.equal(base_after(input_ids=ids).logits, original(tiny)(input_ids=ids).logits)
+
+
+def truncate(file):
+    """Keep the first half of ``file``'s bytes (an interrupted copy or download)."""
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+    return file
+
+
+class TestTruncatedWeights:
+    """A truncated ``model.safetensors`` is named, with what to do, wherever a folder is loaded."""
+
+    def expect(self, file):
+        return pytest.raises(OSError, match=re.escape(str(file.resolve())) + " is truncated or corrupt .*: re-save")
+
+    def test_student_folder(self, tiny, tmp_path):
+        original(tiny).save_pretrained(tmp_path / "s")
+        with self.expect(truncate(tmp_path / "s" / "model.safetensors")):
+            own(tiny, tmp_path / "out", tmp_path / "s")
+
+    def test_quantized_student_folder(self, tiny, tmp_path):
+        save_quantized(quantize_student(original(tiny), "int4", group_size=None), tmp_path / "q")
+        with self.expect(truncate(tmp_path / "q" / "model.safetensors")):
+            own(tiny, tmp_path / "out", tmp_path / "q")
+
+    def test_adapter_folder(self, tiny, tmp_path):
+        from peft import LoraConfig, get_peft_model
+
+        get_peft_model(original(tiny), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+        with self.expect(truncate(tmp_path / "a" / "adapter_model.safetensors")):
+            load_model(str(tmp_path / "a"))
+
+    def test_original_folder(self, tiny, tmp_path):
+        shutil.copytree(tiny / "model", tmp_path / "model")
+        with self.expect(truncate(tmp_path / "model" / "model.safetensors")):
+            recover(tiny, tmp_path / "out", "--model_name_or_path", str(tmp_path / "model"))
 
 
 class TestMismatchedStudents:

@@ -157,8 +157,8 @@ def test_refuses_peft_students_and_quantized_activations():
 
 
 def test_recovery_job_runs_the_phase_and_skips_it_on_resume(tiny, tmp_path):  # noqa: F811
-    flags = ("--quant_weights", "int2", "--block_reconstruction", "true", "--block_reconstruction_steps", "4",
-             "--block_reconstruction_lr", "1e-2", "--calibration_blocks", "8")
+    flags = ("--quant_weights", "int2", "--quant_group_size", "channel", "--block_reconstruction", "true",
+             "--block_reconstruction_steps", "4", "--block_reconstruction_lr", "1e-2", "--calibration_blocks", "8")
     stats, _ = recover(tiny, tmp_path, *flags, "--max_steps", "4")
     saved = json.loads((tmp_path / STATS_FILE).read_text())
     blocks = saved["block_reconstruction"]

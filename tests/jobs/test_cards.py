@@ -29,7 +29,8 @@ def run(tmp_path_factory):
     """A real recovery (int4, 6 steps) with its card written: (output folder, stats)."""
     root = write_tiny_inputs(tmp_path_factory.mktemp("card"), 200, 60)
     rec = RecoveryArguments(train_file=str(root / "train.txt"), eval_file=str(root / "eval.txt"), block_size=32,
-                            cka_every_n_steps=2, probe_blocks=8, calibration_blocks=4)
+                            cka_every_n_steps=2, probe_blocks=8, calibration_blocks=4, quant_weights="int4",
+                            quant_group_size="channel")
     args = RecoveryConfig(output_dir=str(root / "out"), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
                           warmup_steps=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
     stats = run_recovery(rec, args, ModelConfig(model_name_or_path=str(root / "model")))

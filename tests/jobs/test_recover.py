@@ -51,7 +51,7 @@ def logits(model, tiny):
 
 
 def test_quanto_recovery_saves_an_identical_quantized_student(tiny, tmp_path):
-    stats, _ = recover(tiny, tmp_path, "--quant_weights", "int2")
+    stats, _ = recover(tiny, tmp_path, "--quant_weights", "int2", "--quant_group_size", "channel")
     saved = json.loads((tmp_path / STATS_FILE).read_text())
     assert saved["perplexity"]["recovered"] == pytest.approx(stats["perplexity"]["recovered"])
     assert set(saved["cka"]["after"]) == {"0", "1"} and saved["world_size"] == 1
@@ -140,7 +140,8 @@ def test_pruned_lora_student_merges_without_losing_sparsity(tiny, tmp_path):
 
 
 def test_quanto_lora_student_keeps_adapters_on_a_quantized_base(tiny, tmp_path):
-    stats, _ = recover(tiny, tmp_path, "--use_peft", "true", "--lora_r", "4", "--learning_rate", "5e-2")
+    stats, _ = recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel", "--use_peft", "true", "--lora_r", "4",
+                       "--learning_rate", "5e-2")
     assert stats["format"] == "quanto+lora"
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "quantized_base" / "quanto_qmap.json").exists()
     model = load_by_card_code(stats, tmp_path)
@@ -191,8 +192,8 @@ def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path):
 
 
 def test_interrupted_quanto_run_resumes_quantized(tiny, tmp_path):
-    recover(tiny, tmp_path, "--max_steps", "4")
-    resumed, _ = recover(tiny, tmp_path, "--max_steps", "8")
+    recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel", "--max_steps", "4")
+    resumed, _ = recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel", "--max_steps", "8")
     assert resumed["recovery"]["steps"] == 8
     assert (tmp_path / "quanto_qmap.json").exists()
 
@@ -275,6 +276,16 @@ class TestBadInput:
         f = tmp_path / "data.jsonl"
         f.write_text('{"content": "hello there"}\n')
         with pytest.raises(ValueError, match="no text field 'text' \\(columns: content\\): set dataset_text_field"):
+            recover(tiny, tmp_path / "out", "--train_file", str(f))
+
+    def test_malformed_jsonl_fails_before_any_training(self, tiny, tmp_path, monkeypatch):
+        import hf_sdft.jobs.recover as job
+
+        f = tmp_path / "bad.jsonl"
+        f.write_text('{"text": "in the beginning"}\n{"text": "and the earth"}\n{"text": "was without form\n')
+        monkeypatch.setattr(job, "make_student", lambda *a: pytest.fail("got past loading the data"))
+        with pytest.raises(ValueError, match=r"bad\.jsonl line 3 is not valid JSON \(Unterminated string starting "
+                                             r"at column 10\): fix or remove that line"):
             recover(tiny, tmp_path / "out", "--train_file", str(f))
 
     @pytest.mark.parametrize("flags,msg", [

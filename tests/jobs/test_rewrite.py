@@ -93,3 +93,11 @@ def test_forgetting_rewrite_mode_on_the_embedded_model(tmp_path):
             answer = re.search("is (-?[0-9]+)", row["messages"][-1]["content"]).group(1)
             assert answer == re.search("is (-?[0-9]+)", ref["messages"][-1]["content"]).group(1)
     assert set(stats["narrow_perplexity"]) == {"teacher", "degraded", "recovered"}
+
+
+def test_malformed_source_names_its_line(tmp_path, tokenizer):
+    source = write_rows(tmp_path / "qa.jsonl", QA[:2])
+    source.write_text(source.read_text() + "{'prompt': 'single quotes'}\n")
+    args = RewriteArguments(train_file=str(source), output_file=str(tmp_path / "out.jsonl"))
+    with pytest.raises(ValueError, match=r"qa\.jsonl line 3 is not valid JSON \(Expecting property name"):
+        rewrite_file(make_model(), tokenizer, args)
