@@ -209,7 +209,10 @@ def mean_spread(values: list) -> tuple[float | None, float | None]:
     return (sum(vals) / len(vals), max(vals) - min(vals)) if vals else (None, None)
 
 
-NEW_DEFAULT = {}  # recipe → the arm that became its default (filled from the --additions results)
+# recipe → the arm that became its default: the highest mean R over both models and both seeds in
+# --additions (a tie goes to fewer additions); recipes/*.yaml say why
+NEW_DEFAULT = {"quanto-int2": "better start", "prune-50": "block reconstruction", "prune-2of4": "all together",
+               "forgetting": "block reconstruction"}
 
 
 def additions_report() -> list[str]:

@@ -454,8 +454,8 @@ def test_fp16_grad_scaler_trains_with_the_fused_loss(tmp_path, tokenizer, texts)
 def test_cakld_falls_back_to_the_pytorch_chunk_where_the_kernel_would_run(monkeypatch):
     """The Triton kernel covers forward / reverse KL: CAKLD with 0 < γ < 1 takes the PyTorch chunk
     (refused with kernel='triton'); γ = 0 and 1, which are those KLs exactly, may use the kernel."""
-    from hf_sdft.trainer.losses import _use_kernel
     from hf_sdft.trainer import kd_triton
+    from hf_sdft.trainer.losses import _use_kernel
 
     monkeypatch.setattr(kd_triton, "available", lambda device: True)
     cuda, mix = torch.device("cuda"), (1.0, 0.0)
