@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers.trainer_utils import SchedulerType
-from transformers.utils import logging
 
 from hf_sdft.data import DEFAULT_SPLITS, TXT_SAMPLE_BY
 from hf_sdft.trainer.config import SDFTConfig, resolve_mixed_precision
 
-logger = logging.get_logger(__name__)
 
 
 DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")

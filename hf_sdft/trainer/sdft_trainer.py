@@ -57,7 +57,7 @@ class _Batch:
     mask: torch.Tensor
     n_local: torch.Tensor
     on_policy: bool
-    kd_ratio: float | None = None
+    kd_ratio: float
 
     @classmethod
     def of(cls, inputs: dict, kd_ratio: float) -> _Batch:

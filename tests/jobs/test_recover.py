@@ -220,7 +220,7 @@ def test_recipe_precision_follows_the_gpu(monkeypatch, gpu, flags, expected, say
     from accelerate.state import AcceleratorState
     from transformers.testing_utils import CaptureLogger
 
-    from hf_sdft.jobs.config import logger
+    from hf_sdft.trainer.config import logger  # resolve_mixed_precision logs there
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     # a T4 / V100 reports bf16 unless emulation is excluded, as torch does there
