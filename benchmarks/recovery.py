@@ -267,7 +267,8 @@ def budget_report() -> list[str]:
     lines = ["# R vs budget: old and new default", "",
              "Command: `python benchmarks/recovery.py --budget --steps 25 50 100 200 400`. Same settings as above, only "
              "max_steps changes (warm-up 10 steps, cosine to 0 at the last step); R counted from the old default's "
-             "degraded student at the same step count and seed. Plot: `recovery_budget.png`.", ""]
+             "degraded student at the same step count and seed; one seed (0).", "",
+             "![R vs budget](recovery_budget.png)", ""]
     for model, recipes in runs.items():
         for recipe, arms in recipes.items():
             steps = sorted({int(s) for runs_ in arms.values() for s in runs_}, key=int)
