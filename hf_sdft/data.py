@@ -94,10 +94,23 @@ def jsonl_rows(path: str | Path) -> Iterator[dict]:
 
 
 def check_jsonl(path: str | Path) -> None:
-    """Raise before ``datasets`` reads ``path`` (whose own error names no line) when a line is not
-    a JSON object, or when the file holds no row."""
+    """Raise naming the file and line when a line of ``path`` is not a JSON object, or when the file
+    holds no row (``datasets``' own error names neither)."""
     if sum(1 for _ in jsonl_rows(path)) == 0:
         raise ValueError(f"data file {path} is empty: give a file that holds rows, one JSON object a line")
+
+
+def load_jsonl(path: Path) -> Dataset:
+    """A JSON Lines file read by ``datasets``; only when that fails, or finds no row, is the file
+    scanned again (:func:`check_jsonl`) for the error to give, so a good file is read once."""
+    try:
+        ds = load_dataset("json", data_files={"data": str(path)}, split="data")
+    except Exception:
+        check_jsonl(path)  # names the bad line; a failure it cannot explain goes up as it was
+        raise
+    if len(ds) == 0:
+        check_jsonl(path)
+    return ds
 
 
 def load_examples(
@@ -116,7 +129,7 @@ def load_examples(
         if path.suffix == ".txt":
             return Dataset.from_dict({"text": read_txt(path, txt_sample_by)})
         if path.suffix == ".jsonl":
-            check_jsonl(path)
+            return load_jsonl(path)
         return load_dataset(TABLE_BUILDERS[path.suffix], data_files={"data": str(path)}, split="data")
     if dataset_name is not None:
         return load_dataset(dataset_name, dataset_config_name, split=split)
