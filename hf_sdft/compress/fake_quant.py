@@ -14,6 +14,13 @@ quanto's ``dequantize()``), so a student trained here and saved in quanto's form
   ``group_size`` is None), ``scale = (max - min) / (2^bits - 1)``, ``shift = -min``,
   ``code = clamp(round((w + shift) / scale), 0, 2^bits - 1)``, ``value = scale * code - shift``.
 
+Two more grids for deployment (:mod:`hf_sdft.export` writes them exactly):
+
+- ``symmetric`` int4 / int2: ``scale = max|w| / ((2^bits - 1) / 2)``, ``q = clamp(round(w / scale),
+  -2^(bits-1), 2^(bits-1) - 1)``, ``value = scale * q``: compressed-tensors' symmetric ``pack-quantized``
+  and GGUF's Q4_0 (quanto stores it too, as codes ``q + 2^(bits-1)`` with ``shift = 2^(bits-1) * scale``);
+- ``fp16_scales`` (either grid): scale and shift rounded to float16 values, as GGUF stores them.
+
 A constant group (scale 0, e.g. a pruned all-zero group) gets code 0, as quanto's uint8 cast of
 NaN does on CPU. The math runs in the weight's own dtype, as quanto's does (float32 for hf-sdft's
 students).
@@ -69,26 +76,91 @@ def is_scale_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in SCALE_NAMES
 
 
-def code_range(bits: int) -> tuple[int, int]:
-    """The integer codes of ``bits``: ``(-128, 127)`` for int8, ``(0, 2^bits - 1)`` for int4 / int2."""
-    return (-INT8_QMAX - 1, INT8_QMAX) if bits == 8 else (0, 2**bits - 1)
+def code_range(bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """The integer codes of ``bits``: ``(-128, 127)`` for int8; for int4 / int2 ``(0, 2^bits - 1)``
+    on quanto's asymmetric grid, ``(-2^(bits-1), 2^(bits-1) - 1)`` on the symmetric one."""
+    if bits == 8:
+        return -INT8_QMAX - 1, INT8_QMAX
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def symmetric_divisor(bits: int) -> float:
+    """``scale = max|w| / divisor`` on a symmetric min/max grid: 127 for int8 (quanto's), else half the
+    code span, ``(2^bits - 1) / 2`` (7.5 for int4, 1.5 for int2: llm-compressor's round-to-nearest
+    start, so that ``±max|w|`` fall on the two extreme codes' rounding edges)."""
+    return INT8_QMAX if bits == 8 else (2**bits - 1) / 2
+
+
+def to_fp16_grid(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value, in its own dtype: GGUF stores block scales as
+    float16, so a scale kept on this grid exports exactly."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+class _Fp16Through(torch.autograd.Function):
+    """Forward: :func:`to_fp16_grid`. Backward: the gradient, unchanged (a learned scale stays a float
+    parameter; the layer computes with its float16 value)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return to_fp16_grid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def code_offset(bits: int) -> int:
+    """What a symmetric int4 / int2 code gains when stored unsigned (quanto's codes, GGUF's nibbles,
+    compressed-tensors' packed values): ``2^(bits-1)``."""
+    return 2 ** (bits - 1)
+
+
+def stored_symmetric(bits: int, scale: torch.Tensor, shift: torch.Tensor | None) -> bool:
+    """Whether an unsigned-code grid ``scale * code - shift`` (quanto's storage) is a symmetric one
+    stored with offset codes: int8 (no shift), or ``shift == 2^(bits-1) * scale`` in every group."""
+    return shift is None or (bits < 8 and torch.equal(shift, code_offset(bits) * scale))
+
+
+def on_fp16_grid(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor holds float16 values only (:func:`to_fp16_grid` leaves it unchanged)."""
+    return all(t is None or torch.equal(to_fp16_grid(t), t) for t in tensors)
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return weight.reshape(-1, group_size) if group_size is not None else weight
 
 
-def minmax_scales(weight: torch.Tensor, bits: int, group_size: int | None = None, ratio=1.0):
-    """quanto's ``(scale, shift)`` ``(rows, 1)`` of a 2-D weight, the range shrunk by ``ratio`` (a
-    float or a ``(rows, 1)`` tensor): int8 ``scale = ratio * max|w| / 127`` (shift None); int4 /
-    int2 ``min' = ratio * min``, ``max' = ratio * max``, ``scale = (max' - min') / (2^bits - 1)``,
-    ``shift = -min'``. ``ratio=1`` is quanto's own choice, bit for bit."""
-    grouped = _grouped(weight, group_size)
-    if bits == 8:
-        return ratio * grouped.abs().amax(dim=1, keepdim=True) / INT8_QMAX, None
-    low = ratio * grouped.amin(dim=1, keepdim=True)
-    high = ratio * grouped.amax(dim=1, keepdim=True)
-    return (high - low) / (2**bits - 1), -low
+def _bounds(grouped: torch.Tensor, bits: int, symmetric: bool):
+    """``(low, high)`` ``(rows, 1)`` of grouped weights: ``(None, max|w|)`` for a symmetric grid
+    (int8 always), else ``(min, max)``."""
+    if bits == 8 or symmetric:
+        return None, grouped.abs().amax(dim=1, keepdim=True)
+    return grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
+
+
+def _scales_from(low, high, bits: int, ratio, fp16_scales: bool):
+    """``(scale, shift)`` of the range ``[ratio·low, ratio·high]`` (see :func:`minmax_scales`)."""
+    if low is None:
+        scale, shift = ratio * high / symmetric_divisor(bits), None
+    else:
+        low, high = ratio * low, ratio * high
+        scale, shift = (high - low) / (2**bits - 1), -low
+    if fp16_scales:
+        scale, shift = to_fp16_grid(scale), None if shift is None else to_fp16_grid(shift)
+    return scale, shift
+
+
+def minmax_scales(weight: torch.Tensor, bits: int, group_size: int | None = None, ratio=1.0,
+                  symmetric: bool = False, fp16_scales: bool = False):
+    """The min/max grid's ``(scale, shift)`` ``(rows, 1)`` of a 2-D weight, the range shrunk by
+    ``ratio`` (a float or a ``(rows, 1)`` tensor): int8 ``scale = ratio * max|w| / 127`` (shift
+    None); int4 / int2 asymmetric ``min' = ratio * min``, ``max' = ratio * max``,
+    ``scale = (max' - min') / (2^bits - 1)``, ``shift = -min'``; symmetric
+    ``scale = ratio * max|w| / symmetric_divisor(bits)`` (shift None). ``ratio=1``, asymmetric,
+    without ``fp16_scales`` is quanto's own choice, bit for bit; ``fp16_scales`` rounds scale and
+    shift to float16 values (:func:`to_fp16_grid`)."""
+    return _scales_from(*_bounds(_grouped(weight, group_size), bits, symmetric), bits, ratio, fp16_scales)
 
 
 class _RoundThrough(torch.autograd.Function):
@@ -108,25 +180,32 @@ def codes_with(weight: torch.Tensor, bits: int, group_size: int | None, scale: t
     """Codes of ``weight`` on a given grid, in the grouped layout: ``clamp(round((w + shift) / scale),
     lo, hi)`` (no shift for int8), differentiable in ``weight``, ``scale`` and ``shift`` with
     straight-through rounding (LSQ): inside the range ``d code / d w = 1 / scale``, outside 0. A
-    zero scale (a constant group) divides by 1 instead: its values are ``-shift`` whatever the code."""
+    zero scale (a constant group) divides by 1 instead: its values are ``-shift`` whatever the code.
+    A grid without shift is symmetric (signed codes, see :func:`code_range`)."""
     grouped = _grouped(weight, group_size)
-    lo, hi = code_range(bits)
+    lo, hi = code_range(bits, symmetric=shift is None)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
     x = (grouped if shift is None else grouped + shift) / divisor
     return torch.clamp(_RoundThrough.apply(x), lo, hi)
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                    symmetric: bool = False, fp16_scales: bool = False):
     """``(codes, scale, shift)`` of a 2-D weight: codes (float, integer-valued) in quanto's grouped
     layout ``(out * in / group_size, group_size)`` (``(out, in)`` without groups), scale and shift
-    ``(rows, 1)``; ``shift`` is None for int8. Without ``scale`` the grid is quanto's min/max one;
-    with ``scale`` (and ``shift`` for int4 / int2) the codes are :func:`codes_with` that grid's."""
+    ``(rows, 1)``; ``shift`` is None for int8 and symmetric grids. Without ``scale`` the grid is the
+    min/max one (:func:`minmax_scales`); with ``scale`` (and ``shift`` for an asymmetric grid) the
+    codes are :func:`codes_with` that grid's (``fp16_scales``: the given scale and shift rounded to
+    float16 values first, as the layer computes with them)."""
     if scale is not None:
+        if fp16_scales:
+            scale, shift = to_fp16_grid(scale), None if shift is None else to_fp16_grid(shift)
         return codes_with(weight, bits, group_size, scale, shift), scale, shift
-    scale, shift = minmax_scales(weight, bits, group_size)
+    scale, shift = minmax_scales(weight, bits, group_size, symmetric=symmetric, fp16_scales=fp16_scales)
     grouped = _grouped(weight, group_size)
-    codes = torch.clamp(torch.round((grouped if shift is None else grouped + shift) / scale), *code_range(bits))
+    codes = torch.clamp(torch.round((grouped if shift is None else grouped + shift) / scale),
+                        *code_range(bits, symmetric))
     return torch.nan_to_num(codes, nan=0.0), scale, shift  # a constant group's 0 / 0: code 0, as quanto's
 
 
@@ -144,24 +223,30 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the weight rounded to the grid. Backward: the gradient, unchanged (quanto's too)."""
 
     @staticmethod
-    def forward(ctx, weight, bits, group_size):
-        return dequantize_weight(*quantize_weight(weight, bits, group_size), weight.shape)
+    def forward(ctx, weight, bits, group_size, symmetric, fp16_scales):
+        return dequantize_weight(*quantize_weight(weight, bits, group_size, symmetric=symmetric,
+                                                  fp16_scales=fp16_scales), weight.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None, None
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight`` rounded to the ``bits`` grid (quanto's values). Without ``scale``: quanto's
-    min/max grid recomputed from ``weight``, the gradient passed straight through unchanged. With a
-    held ``scale`` / ``shift``: ``scale * clamp(round((w + shift) / scale), lo, hi) - shift``,
-    gradients by autograd with straight-through rounding (LSQ): to ``w`` inside the range only, to
-    ``scale`` ``code - (w + shift) / scale`` inside and ``code`` outside, to ``shift`` 0 inside and
-    -1 outside (summed over each group)."""
+                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                  symmetric: bool = False, fp16_scales: bool = False) -> torch.Tensor:
+    """``weight`` rounded to the ``bits`` grid. Without ``scale``: the min/max grid recomputed from
+    ``weight`` (:func:`minmax_scales`; quanto's values when asymmetric without ``fp16_scales``), the
+    gradient passed straight through unchanged. With a held ``scale`` / ``shift``:
+    ``scale * clamp(round((w + shift) / scale), lo, hi) - shift`` (no shift: symmetric), gradients
+    by autograd with straight-through rounding (LSQ): to ``w`` inside the range only, to ``scale``
+    ``code - (w + shift) / scale`` inside and ``code`` outside, to ``shift`` 0 inside and -1 outside
+    (summed over each group). ``fp16_scales`` computes with the held scale and shift rounded to
+    float16 values, the gradient passed straight through that rounding."""
     if scale is None:
-        return _StraightThrough.apply(weight, bits, group_size)
+        return _StraightThrough.apply(weight, bits, group_size, symmetric, fp16_scales)
+    if fp16_scales:
+        scale, shift = _Fp16Through.apply(scale), None if shift is None else _Fp16Through.apply(shift)
     return dequantize_weight(codes_with(weight, bits, group_size, scale, shift), scale, shift, weight.shape)
 
 
@@ -177,26 +262,33 @@ class FakeQuantLinear(nn.Linear):
     give them a group of their own (learning rate × ``quant_scales_lr_ratio``, 0.1 by default, no
     weight decay); a plain optimizer treats them as any parameter. Saving writes the codes on
     the held grid and the held scale and shift themselves, so the saved model computes what was
-    trained."""
+    trained.
+
+    ``symmetric`` (int4 / int2) puts the layer on the deployment grid of compressed-tensors and GGUF
+    (``scale * q``, q signed, no zero point) instead of quanto's asymmetric one; ``fp16_scales``
+    keeps every scale and shift it computes with on float16 values, so that formats storing float16
+    scales (GGUF) export it exactly."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 group_size: int | None = None, device=None, dtype=None):
+                 group_size: int | None = None, device=None, dtype=None, symmetric: bool = False,
+                 fp16_scales: bool = False):
         check_quant(bits, group_size, in_features, out_features)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bits, self.group_size = bits, group_size
+        self.symmetric, self.fp16_scales = symmetric or bits == 8, fp16_scales
         self.weight_scale: torch.Tensor | None = None
         self.weight_shift: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None | str = "auto",
-                    name: str = "layer") -> FakeQuantLinear:
+                    name: str = "layer", symmetric: bool = False, fp16_scales: bool = False) -> FakeQuantLinear:
         """A fake-quantized layer holding ``linear``'s own weight and bias parameters (not copies).
         ``group_size="auto"`` is quanto's choice (:func:`default_group_size`)."""
         if group_size == "auto":
             group_size = default_group_size(linear.in_features, bits)
         check_quant(bits, group_size, linear.in_features, linear.out_features, name)
         layer = cls(linear.in_features, linear.out_features, bias=False, bits=bits, group_size=group_size,
-                    device="meta")
+                    device="meta", symmetric=symmetric, fp16_scales=fp16_scales)
         layer.weight = linear.weight
         layer.bias = linear.bias
         return layer
@@ -212,15 +304,17 @@ class FakeQuantLinear(nn.Linear):
     @torch.no_grad()
     def hold_scales(self, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                     learnable: bool = False) -> FakeQuantLinear:
-        """Hold the grid from now on: ``scale`` / ``shift`` ``(rows, 1)`` (default: quanto's min/max
+        """Hold the grid from now on: ``scale`` / ``shift`` ``(rows, 1)`` (default: the min/max
         grid of the current weight), as parameters when ``learnable``, else as buffers."""
         if scale is None:
-            scale, shift = minmax_scales(self.weight.detach(), self.bits, self.group_size)
+            scale, shift = minmax_scales(self.weight.detach(), self.bits, self.group_size, symmetric=self.symmetric,
+                                         fp16_scales=self.fp16_scales)
         rows = self.out_features * (self.in_features // self.group_size if self.group_size else 1)
-        if scale.shape != (rows, 1) or (shift is None) != (self.bits == 8) or (
+        if scale.shape != (rows, 1) or (shift is None) != self.symmetric or (
                 shift is not None and shift.shape != (rows, 1)):
-            raise ValueError(f"int{self.bits} scale / shift of shape ({rows}, 1) expected (shift None for int8), "
-                             f"got {tuple(scale.shape)} / {None if shift is None else tuple(shift.shape)}")
+            raise ValueError(f"int{self.bits} scale / shift of shape ({rows}, 1) expected (shift None for int8 and "
+                             f"symmetric grids), got {tuple(scale.shape)} / "
+                             f"{None if shift is None else tuple(shift.shape)}")
         like = self.weight
         for name, value in zip(SCALE_NAMES, (scale, shift)):
             if name in self._parameters:
@@ -238,23 +332,30 @@ class FakeQuantLinear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self._fake_quantized(), self.bias)
+
+    def _fake_quantized(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
+                             symmetric=self.symmetric, fp16_scales=self.fp16_scales)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with (the grid values), without gradient."""
-        return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
+        return self._fake_quantized()
 
     @torch.no_grad()
     def quantized(self):
-        """``(codes, scale, shift)`` of the current weight (see :func:`quantize_weight`)."""
-        return quantize_weight(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift)
+        """``(codes, scale, shift)`` of the current weight (see :func:`quantize_weight`): the codes
+        and the very scale and shift the layer computes with."""
+        return quantize_weight(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
+                               symmetric=self.symmetric, fp16_scales=self.fp16_scales)
 
     def extra_repr(self) -> str:
         groups = f"group_size={self.group_size}" if self.group_size else "per-row scales"
         held = ", learned scales" if self.learns_scales else ", held scales" if self.holds_scales else ""
-        return f"{super().extra_repr()}, int{self.bits}, {groups}{held}"
+        grid = ", symmetric" if self.symmetric and self.bits != 8 else ""
+        fp16 = ", float16 scales" if self.fp16_scales else ""
+        return f"{super().extra_repr()}, int{self.bits}{grid}, {groups}{held}{fp16}"
 
 
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
@@ -277,14 +378,13 @@ def _group_errors(inputs: torch.Tensor, delta: torch.Tensor, group_size: int | N
     return torch.bmm(x, d.transpose(1, 2)).pow(2).sum(1).transpose(0, 1).reshape(-1)
 
 
-def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high: torch.Tensor, r: float):
+def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high: torch.Tensor, r: float,
+                fp16_scales: bool = False):
     """``w - ŵ`` (grouped) on the grid of ratio ``r`` (:func:`minmax_scales` from the groups' ``low``
-    / ``high``, ``high`` = max|w| for int8), ŵ as :func:`fake_quantize` computes it, in place."""
-    lo, hi = code_range(bits)
-    if bits == 8:
-        scale, shift = r * high / INT8_QMAX, None
-    else:
-        scale, shift = (r * high - r * low) / (2**bits - 1), -(r * low)
+    / ``high``; ``low`` None and ``high`` = max|w| for a symmetric grid), ŵ as :func:`fake_quantize`
+    computes it, in place."""
+    scale, shift = _scales_from(low, high, bits, r, fp16_scales)
+    lo, hi = code_range(bits, symmetric=shift is None)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
     v = (grouped.clone() if shift is None else grouped + shift).div_(divisor).round_().clamp_(lo, hi).mul_(scale)
     if shift is not None:
@@ -294,7 +394,7 @@ def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high
 
 def _coordinate_descent(x: torch.Tensor, grouped: torch.Tensor, bits: int, low, high, ratio: torch.Tensor,
                         ratios: tuple[float, ...], group_size: int, sweeps: int,
-                        gram: torch.Tensor | None = None) -> torch.Tensor:
+                        gram: torch.Tensor | None = None, fp16_scales: bool = False) -> torch.Tensor:
     """Refine per-group ratios ``(rows, 1)`` on the exact row error ``‖X (w_o − ŵ_o)‖²``, cross
     terms included: group by group (all rows at once), the grid's ratio least for the row given the
     other groups' current ones; a change only where it lowers the error, so the error never rises.
@@ -315,12 +415,12 @@ def _coordinate_descent(x: torch.Tensor, grouped: torch.Tensor, bits: int, low, 
         gram = torch.bmm(xt.transpose(1, 2), xt)  # (groups, size, size)
     rows = torch.arange(out, device=x.device)
     for _ in range(sweeps):
-        delta = _grid_error(grouped, bits, low, high, grid[idx].reshape(-1, 1)).reshape(out, inp)
+        delta = _grid_error(grouped, bits, low, high, grid[idx].reshape(-1, 1), fp16_scales).reshape(out, inp)
         residual = x @ delta.T  # (tokens, out): X (w_o - ŵ_o) for every row
         changed = False
         for g in range(groups):
             d = _grid_error(wg[None, :, g], bits, None if lowg is None else lowg[None, :, g], highg[None, :, g],
-                            grid[:, None, None])  # (ratios, out, size)
+                            grid[:, None, None], fp16_scales)  # (ratios, out, size)
             pick = idx[:, g]
             current = d[pick, rows]  # (out, size)
             rest = residual - xg[:, g] @ current.T  # the row's error without group g's share
@@ -340,7 +440,8 @@ def _coordinate_descent(x: torch.Tensor, grouped: torch.Tensor, bits: int, low, 
 
 @torch.no_grad()
 def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs: torch.Tensor,
-                ratios: tuple[float, ...] = CLIP_RATIOS, sweeps: int = CLIP_SWEEPS):
+                ratios: tuple[float, ...] = CLIP_RATIOS, sweeps: int = CLIP_SWEEPS, symmetric: bool = False,
+                fp16_scales: bool = False):
     """Per-group clipping (AWQ's auto_clip, BitDistiller's asymmetric clipping) on quanto's grid:
     for each group (or output row without groups) a shrink ratio ``r`` of ``ratios``, the grid
     :func:`minmax_scales` (``min' = r·min``, ``max' = r·max``; int8 ``r·max|w|``), chosen for the
@@ -352,7 +453,9 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
     the groups' Gram matrices ``X_gᵀX_g``), a row whose full error came out larger than with the
     plain grid goes back to it, then up to ``sweeps`` sweeps of coordinate descent over the groups
     on the exact row error (:func:`_coordinate_descent`). The error never exceeds the plain grid's.
-    ``ratios`` must start with 1.0 (the plain grid).
+    ``ratios`` must start with 1.0 (the plain grid). ``symmetric`` / ``fp16_scales``: the search
+    runs on that grid (a symmetric grid shrinks ``max|w|``), every candidate's scales as the layer
+    would compute with them.
 
     Returns ``(scale, shift, ratio)``, each ``(rows, 1)`` (``shift`` None for int8).
 
@@ -384,11 +487,11 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
         xg = x.reshape(-1, w.shape[1] // size, size).transpose(0, 1)  # (groups, tokens, size)
         gram = torch.bmm(xg.transpose(1, 2), xg)
     grouped = _grouped(w, group_size)
-    low, high = (None, grouped.abs().amax(1, keepdim=True)) if bits == 8 else (
-        grouped.amin(1, keepdim=True), grouped.amax(1, keepdim=True))
+    low, high = _bounds(grouped, bits, symmetric)
     best_err = best_ratio = None
     for r in ratios:
-        err = _group_errors(x, _grid_error(grouped, bits, low, high, r).reshape(w.shape), group_size, gram)
+        err = _group_errors(x, _grid_error(grouped, bits, low, high, r, fp16_scales).reshape(w.shape), group_size,
+                            gram)
         if best_err is None:
             best_err, best_ratio = err, torch.full_like(err, r)
         else:
@@ -399,12 +502,13 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
     if group_size is not None and w.shape[1] > group_size:
         if (chosen != 1.0).any():  # rows the cross terms made worse go back to the plain grid
             def row_error(r):
-                return (x @ _grid_error(grouped, bits, low, high, r).reshape(w.shape).T).pow(2).sum(0)
+                return (x @ _grid_error(grouped, bits, low, high, r, fp16_scales).reshape(w.shape).T).pow(2).sum(0)
 
             worse = row_error(ratio) > row_error(1.0)
             ratio = torch.where(worse[:, None], 1.0, chosen).reshape(-1, 1)
         if sweeps:
-            ratio = _coordinate_descent(x, grouped, bits, low, high, ratio, ratios, group_size, sweeps, gram)
-    scale, shift = minmax_scales(w, bits, group_size, ratio)
+            ratio = _coordinate_descent(x, grouped, bits, low, high, ratio, ratios, group_size, sweeps, gram,
+                                        fp16_scales)
+    scale, shift = minmax_scales(w, bits, group_size, ratio, symmetric, fp16_scales)
     dtype = weight.dtype
     return scale.to(dtype), None if shift is None else shift.to(dtype), ratio

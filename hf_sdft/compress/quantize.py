@@ -34,7 +34,15 @@ from torch import nn
 
 from hf_sdft.compress.base import Degradation, register_degradation
 from hf_sdft.compress.calibration import layer_tokens, run_calibration
-from hf_sdft.compress.fake_quant import CLIP_RATIOS, CLIP_TOKENS, FakeQuantLinear, clip_search
+from hf_sdft.compress.fake_quant import (
+    CLIP_RATIOS,
+    CLIP_TOKENS,
+    FakeQuantLinear,
+    clip_search,
+    code_offset,
+    on_fp16_grid,
+    stored_symmetric,
+)
 from hf_sdft.modeling import check_safetensors
 
 WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
@@ -43,6 +51,7 @@ QMAP_FILE = "quanto_qmap.json"
 GROUPS_FILE = "quanto_group_sizes.json"
 WEIGHTS_FILE = "model.safetensors"
 QTYPE_BITS = {qint8.name: 8, qint4.name: 4, qint2.name: 2}
+SCHEMES = ("asymmetric", "symmetric")  # int4 / int2 grids (see hf_sdft.compress.fake_quant)
 
 
 def _check_types(weights: str, activations: str | None) -> None:
@@ -131,6 +140,8 @@ def quantize_student(
     calibration: list[dict] | None = None,
     clip: bool = False,
     learn_scales: bool = False,
+    symmetric: bool = False,
+    fp16_scales: bool = False,
 ) -> nn.Module:
     """Quantize ``model``'s linear layers in place for quantization-aware training: each becomes a
     :class:`FakeQuantLinear` holding the same float parameters (quanto ``QLinear`` layers when
@@ -149,10 +160,15 @@ def quantize_student(
             the layers hold that grid.
         learn_scales: the layers' scales and shifts become parameters trained with the loss
             (from the clipped grid with ``clip``, else quanto's min/max one).
+        symmetric: int4 / int2 on the symmetric grid (``scale * q``, no zero point: what
+            compressed-tensors and GGUF's Q4_0 store) instead of quanto's asymmetric one.
+        fp16_scales: scales and shifts kept on float16 values (what GGUF stores), so that export
+            is exact.
     """
     _check_types(weights, activations)
-    if (clip or learn_scales) and activations is not None:
-        raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
+    if (clip or learn_scales or symmetric or fp16_scales) and activations is not None:
+        raise ValueError("clip search, learned scales and the deployment grids (symmetric, fp16 scales) apply to "
+                         "weight-only quantization (activations None)")
     if clip and not calibration:
         raise ValueError("the clip search needs calibration batches (the layers' inputs)")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
@@ -169,12 +185,13 @@ def quantize_student(
         size = group_size if bits != 8 else None
         if size is not None and size != "auto" and m.in_features % size:
             raise ValueError(f"group_size={size} does not divide {name}'s input dim {m.in_features}")
-        sizes[name] = FakeQuantLinear.from_linear(m, bits, size, name)
+        sizes[name] = FakeQuantLinear.from_linear(m, bits, size, name, symmetric=symmetric, fp16_scales=fp16_scales)
     inputs = calibration_inputs(model, chosen, calibration) if clip else {}
     if activations is None:
         for name, layer in sizes.items():
             if clip:
-                scale, shift, ratio = clip_search(layer.weight, layer.bits, layer.group_size, inputs.pop(name))
+                scale, shift, ratio = clip_search(layer.weight, layer.bits, layer.group_size, inputs.pop(name),
+                                                  symmetric=symmetric, fp16_scales=fp16_scales)
                 layer.hold_scales(scale, shift, learnable=learn_scales)
                 layer.clip_ratio = ratio  # for the degradation's description
             elif learn_scales:
@@ -210,6 +227,8 @@ def _frozen_quanto(layer: FakeQuantLinear) -> QLinear:
     frozen.weight_group_size = layer.group_size
     codes, scale, shift = layer.quantized()
     scale, shift = scale.detach(), None if shift is None else shift.detach()
+    if layer.bits < 8 and shift is None:  # symmetric: quanto's unsigned codes, the same values (exact on fp16 scales)
+        codes, shift = codes + code_offset(layer.bits), code_offset(layer.bits) * scale
     if layer.bits == 8:
         qweight = WeightQBytesTensor(qtype, 0, weight.size(), weight.stride(), codes.to(torch.int8), scale, None)
     else:
@@ -302,7 +321,8 @@ def thaw_quantized(model: nn.Module, hold_scales: bool = False, learn_scales: bo
     weights: quantization-aware training starts from the frozen model's grid up to float rounding
     of the recomputed scales (not where the saved grid was clipped or learned). ``hold_scales``
     keeps the saved scales and shifts instead (the thawed model computes the saved one's values);
-    ``learn_scales`` keeps them as parameters trained with the loss."""
+    ``learn_scales`` keeps them as parameters trained with the loss. A saved symmetric grid
+    (``shift = 2^(bits-1) * scale``) thaws symmetric, and float16 scales stay float16."""
     use_pure_kernels()
     for name, m in list(quantized_modules(model).items()):
         if isinstance(m, FakeQuantLinear) or m.weight_qtype is None:
@@ -312,14 +332,19 @@ def thaw_quantized(model: nn.Module, hold_scales: bool = False, learn_scales: bo
                 m.weight = nn.Parameter(m.weight.dequantize().contiguous())
             continue
         weight = m.weight.dequantize() if m.frozen else m.weight.detach()
-        layer = FakeQuantLinear.from_linear(m, QTYPE_BITS[m.weight_qtype.name], m.weight_group_size, name)
+        bits = QTYPE_BITS[m.weight_qtype.name]
+        scale = shift = None
+        if m.frozen:
+            scale = m.weight._scale.reshape(-1, 1)
+            shift = getattr(m.weight, "_shift", None)
+            shift = None if shift is None else shift.reshape(-1, 1)
+        symmetric = scale is not None and stored_symmetric(bits, scale, shift)
+        layer = FakeQuantLinear.from_linear(m, bits, m.weight_group_size, name, symmetric=symmetric,
+                                            fp16_scales=scale is not None and on_fp16_grid(scale, shift))
         layer.weight = nn.Parameter(weight.contiguous())
         if hold_scales or learn_scales:
             if m.frozen:
-                qweight = m.weight
-                shift = getattr(qweight, "_shift", None)
-                layer.hold_scales(qweight._scale.reshape(-1, 1), None if shift is None else shift.reshape(-1, 1),
-                                  learnable=learn_scales)
+                layer.hold_scales(scale, None if symmetric else shift, learnable=learn_scales)
             else:
                 layer.hold_scales(learnable=learn_scales)
         _set_module(model, name, layer)
@@ -367,18 +392,23 @@ class QuantoDegradation(Degradation):
     kind = "quanto"
 
     def __init__(self, weights: str = "int4", activations: str | None = None, group_size="auto",
-                 exclude: tuple[str, ...] = ("lm_head",), clip_search: bool = False, learn_scales: bool = False):
+                 exclude: tuple[str, ...] = ("lm_head",), clip_search: bool = False, learn_scales: bool = False,
+                 scheme: str = "asymmetric", fp16_scales: bool = False):
         _check_types(weights, activations)
+        if scheme not in SCHEMES:
+            raise ValueError(f"quant_scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
         if (clip_search or learn_scales) and activations is not None:
             raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
         self.weights, self.activations, self.group_size, self.exclude = weights, activations, group_size, tuple(exclude)
         self.clip_search, self.learn_scales = clip_search, learn_scales
+        self.scheme, self.fp16_scales = scheme, fp16_scales and activations is None
         self.effective_group_sizes: dict[str, int | None] = {}
         self.clipped: dict[str, float] = {}
 
     def apply(self, model, calibration=None):
         quantize_student(model, self.weights, self.activations, self.exclude, self.group_size, calibration,
-                         clip=self.clip_search, learn_scales=self.learn_scales)
+                         clip=self.clip_search, learn_scales=self.learn_scales,
+                         symmetric=self.scheme == "symmetric", fp16_scales=self.fp16_scales)
         self.effective_group_sizes = _group_sizes(model)
         ratios = [m.clip_ratio for m in quantized_modules(model).values() if hasattr(m, "clip_ratio")]
         if ratios:
@@ -393,6 +423,7 @@ class QuantoDegradation(Degradation):
             "kind": self.kind, "weights": self.weights, "activations": self.activations,
             "group_size": ", ".join(sizes) if sizes else str(self.group_size),
             "quantized_layers": len(self.effective_group_sizes), "exclude": list(self.exclude),
+            "scheme": "symmetric" if self.weights == "int8" else self.scheme, "fp16_scales": self.fp16_scales,
         }
         if self.clip_search:
             described["clip_search"] = (f"per-group min/max shrink over {CLIP_RATIOS[0]}..{CLIP_RATIOS[-1]} "

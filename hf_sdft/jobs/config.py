@@ -41,6 +41,15 @@ class RecoveryArguments:
     quant_group_size: str = field(
         default="32", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
     )
+    quant_scheme: str = field(
+        default="asymmetric",
+        metadata={"help": "int4 / int2 grid: asymmetric (quanto's, scale·code − shift; GGUF Q4_1) | symmetric "
+                  "(scale·q, q signed, no zero point: compressed-tensors for vLLM / SGLang, GGUF Q4_0). int8 is "
+                  "symmetric either way."})
+    quant_fp16_scales: bool = field(
+        default=True,
+        metadata={"help": "Keep every quantization scale (and shift) on float16 values while training, as GGUF "
+                  "stores them, so that hf-sdft export writes the trained grid exactly."})
     quant_clip_search: bool = field(
         default=False,
         metadata={"help": "Search each group's clipping range (min/max shrunk by 1.0..0.5) for the least layer-output "
@@ -157,7 +166,8 @@ class RecoveryArguments:
         if self.degradation == "quanto":
             return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
                                    group_size=self.group_size(), clip_search=self.quant_clip_search,
-                                   learn_scales=self.quant_learn_scales)
+                                   learn_scales=self.quant_learn_scales, scheme=self.quant_scheme,
+                                   fp16_scales=self.quant_fp16_scales)
         if self.degradation == "prune":
             return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
                                    method=self.prune_method)
