@@ -178,6 +178,23 @@ def cmd_eval(ev, rec) -> dict:
     return result
 
 
+@verb("export", "write a saved student for serving, exactly: compressed-tensors (transformers, vLLM, SGLang), gguf "
+      "(llama.cpp, Ollama) or dense: hf-sdft export STUDENT_DIR --format F", "hf_sdft.jobs.export:ExportArguments",
+      "hf_sdft.jobs.evaluation:EvalDataArguments", positional="student_dir")
+def cmd_export(a, data) -> dict:
+    from hf_sdft.jobs.export import run_export
+
+    result = run_export(a, data)
+    exact = "exact" if result["exact"] else f"re-quantized ({result['rounding']})"
+    print(f"{a.format}: {result['grid']}, {exact}, {result['size_bytes'] / 1e6:.2f} MB; written to {a.output_dir}")
+    for key in ("perplexity_student", "perplexity_transformers", "perplexity_llama_cpp"):
+        if key in result:
+            value = result[key]
+            print(f"  {key.removeprefix('perplexity_')} perplexity: {value:.4f}" if isinstance(value, float)
+                  else f"  {key.removeprefix('perplexity_')} perplexity: {value}")
+    return result
+
+
 @verb("card", "(re)build the model card and plots of a recovery output folder: hf-sdft card FOLDER",
       "hf_sdft.jobs.cards:CardArguments", positional="output_dir")
 def cmd_card(a):

@@ -161,11 +161,31 @@ def _linked_plots(output_dir: Path) -> dict[str, str]:
     return {name: f"{name}.png" for name in PLOT_NAMES if (output_dir / f"{name}.png").is_file()}
 
 
-def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
+def export_sections(stats: dict, load_path: str, hub_format: str | None) -> list[dict]:
+    """Per exported format: where it is (the repository's root for ``hub_format``, else its
+    subfolder), its grid, size and measured perplexity, and the lines that load or serve it."""
+    sections = []
+    for fmt, info in stats.get("exports", {}).items():
+        path = load_path if fmt == hub_format else f"{load_path}/{info['path']}"
+        if fmt == "gguf":
+            python = (f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained('
+                      f'"{path}", gguf_file="model.gguf")')
+            shell = [f"llama-cli -m {path}/model.gguf -p \"In the beginning\" -n 40",
+                     f"ollama create {Path(load_path).name.lower()} -f {path}/Modelfile"]
+        else:
+            python = f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{path}")'
+            shell = [f"vllm serve {path}", f"python -m sglang.launch_server --model-path {path}"] \
+                if fmt == "compressed-tensors" else []
+        sections.append({"format": fmt, "path": path, "python": python, "shell": shell, **info})
+    return sections
+
+
+def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None) -> ModelCard:
     """The model card of a recovery output folder (links the plots already in it).
 
     ``repo_id``: the Hub repo the folder goes to; the loading code then uses it instead of
-    the folder path.
+    the folder path. ``hub_format``: the exported format that sits at the repository's root
+    (None: the folder as saved).
     """
     output_dir = Path(output_dir)
     stats = load_stats(output_dir)
@@ -184,6 +204,10 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
     )
     load_path = repo_id or output_dir.as_posix()
     cka_before, cka_after = stats["cka"]["before"], stats["cka"]["after"]
+    exports = export_sections(stats, load_path, hub_format)
+    loading_code = stats["loading_code"].replace("{path}", load_path)
+    if hub_format in stats.get("exports", {}):
+        loading_code = next(e["python"] for e in exports if e["format"] == hub_format)
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=model_name, stats=stats, hub_base=hub_base,
@@ -192,16 +216,16 @@ def build_card(output_dir: str | Path, repo_id: str | None = None) -> ModelCard:
         cka_rows=[(int(k), cka_before[k], cka_after.get(k)) for k in sorted(cka_before, key=int)],
         eval_name=_eval_source(stats["data"], "")["dataset_name"],
         plots=_linked_plots(output_dir),
-        loading_code=stats["loading_code"].replace("{path}", load_path), load_path=load_path,
+        loading_code=loading_code, load_path=load_path, exports=exports,
     )
 
 
-def write_card(output_dir: str | Path, repo_id: str | None = None) -> Path:
+def write_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None) -> Path:
     """Draw the plots and write ``output_dir/README.md``; returns the README path."""
     output_dir = Path(output_dir)
     write_plots(output_dir)
     path = output_dir / "README.md"
-    build_card(output_dir, repo_id).save(path)
+    build_card(output_dir, repo_id, hub_format).save(path)
     return path
 
 
@@ -222,11 +246,39 @@ def upload_plan(output_dir: str | Path) -> list[str]:
     return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
 
 
-def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None):
-    """Create the Hub repo if needed, write the card for it and upload :func:`upload_plan`'s
-    files. ``repo_id`` may omit the namespace (the token's user). Returns the ``CommitInfo``."""
+def hub_upload_plan(output_dir: str | Path, hub_format: str) -> dict[str, Path]:
+    """``{path in the repository: local file}`` when an exported format goes to the root: that
+    export's files, the card, plots and stats at the root, every other export in its subfolder."""
+    root = Path(output_dir)
+    exports = load_stats(root).get("exports", {})
+    if hub_format not in exports:
+        raise ValueError(f"hub_format {hub_format} was not exported to {root}: add it to export_formats")
+    plan = {p.name: p for p in sorted((root / exports[hub_format]["path"]).iterdir()) if p.is_file()}
+    plan |= {name: root / name for name in ("README.md", STATS_FILE, *(f"{n}.png" for n in PLOT_NAMES))
+             if (root / name).is_file()}
+    for fmt, info in exports.items():
+        if fmt != hub_format:
+            folder = root / info["path"]
+            plan |= {f"{info['path']}/{p.name}": p for p in sorted(folder.iterdir()) if p.is_file()}
+    return plan
+
+
+def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                   hub_format: str | None = None):
+    """Create the Hub repo if needed, write the card for it and upload. With an exported
+    ``hub_format``, :func:`hub_upload_plan`'s files (transformers, vLLM or llama.cpp load the
+    repository as it is); else (None or ``native``) :func:`upload_plan`'s. ``repo_id`` may omit the
+    namespace (the token's user). Returns the ``CommitInfo``."""
+    from huggingface_hub import CommitOperationAdd
+
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    write_card(output_dir, repo_id)
+    exported = hub_format not in (None, "native")
+    write_card(output_dir, repo_id, hub_format if exported else None)
+    message = "Upload model recovered with hf-sdft"
+    if exported:
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                      for name, path in hub_upload_plan(output_dir, hub_format).items()]
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)
     return api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=list(IGNORE_PATTERNS),
-                             commit_message="Upload model recovered with hf-sdft")
+                             commit_message=message)

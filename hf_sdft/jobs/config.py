@@ -9,6 +9,8 @@ from pathlib import Path
 from transformers.trainer_utils import SchedulerType
 
 from hf_sdft.data import DEFAULT_SPLITS, TXT_SAMPLE_BY
+from hf_sdft.export import EXPORT_FORMATS
+from hf_sdft.modeling import comma_list
 from hf_sdft.trainer.config import SDFTConfig, resolve_mixed_precision
 
 
@@ -122,12 +124,32 @@ class RecoveryArguments:
     eval_limit: int | None = field(
         default=None, metadata={"aliases": ["--limit"], "help": "Cap on examples per lm-eval task."})
 
+    export_formats: str | None = field(
+        default=None,
+        metadata={"help": "After saving, also write the recovered student in these serving formats, each in "
+                  "output_dir/FORMAT, and measure its perplexity as transformers (and llama.cpp) load it: "
+                  "comma-separated, of compressed-tensors (vLLM, SGLang, transformers), gguf (llama.cpp, Ollama), "
+                  "dense. A student with no exact form in one is refused unless export_allow_rounding."})
+    export_allow_rounding: bool = field(
+        default=False, metadata={"help": "Re-quantize for an export format with no exact form, reporting the error."})
+    hub_format: str = field(
+        default="auto",
+        metadata={"help": "What push_to_hub puts at the repository's root: an export format, 'native' (the saved "
+                  "student as hf-sdft saves it), or 'auto': compressed-tensors for a quantized student with an "
+                  "exact form there, else dense. Other exported formats go in subfolders."})
+
     def __post_init__(self):
         choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,
                    "txt_sample_by": TXT_SAMPLE_BY, "default_data": tuple(DEFAULT_SPLITS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for fmt in self.export_list:
+            if fmt not in EXPORT_FORMATS:
+                raise ValueError(f"export_formats: unknown format {fmt!r}: choose among {', '.join(EXPORT_FORMATS)}")
+        if self.hub_format not in ("auto", "native", *EXPORT_FORMATS):
+            raise ValueError(f"hub_format={self.hub_format!r}: choose auto, native or one of "
+                             f"{', '.join(EXPORT_FORMATS)}")
         for name in ("train_file", "eval_file", "narrow_train_file", "narrow_eval_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -145,6 +167,10 @@ class RecoveryArguments:
                              "activations (quant_activations) have no straight-through gradient here")
         if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
+
+    @property
+    def export_list(self) -> list[str]:
+        return comma_list(self.export_formats) if self.export_formats else []
 
     @property
     def uses_narrow_task(self) -> bool:

@@ -31,7 +31,9 @@ from hf_sdft.data import RecoveryData, default_model_path, load_recovery_data
 from hf_sdft.distributed import progress_disabled, wait_for_everyone
 from hf_sdft.jobs.cards import STATS_FILE, push_recovered, write_card
 from hf_sdft.jobs.config import RecoveryArguments
+from hf_sdft.export import exact_formats, read_student
 from hf_sdft.jobs.evaluation import measure
+from hf_sdft.jobs.export import export_recovered
 from hf_sdft.jobs.sft import make_trainer, sft_on_narrow
 from hf_sdft.jobs.stats import build_stats, downstream_scores
 from hf_sdft.modeling import from_pretrained
@@ -195,13 +197,27 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
             stats["cka"]["mean_after_blocks"] = after_blocks["cka_mean"]
     if args.should_save:
         stats["format"], stats["loading_code"] = save_student(student, original.tokenizer, args.output_dir)
+        hub_format = resolve_hub_format(rec, args.output_dir) if args.push_to_hub else None
+        formats = list(dict.fromkeys(rec.export_list + ([hub_format] if hub_format not in (None, "native") else [])))
+        if formats:
+            stats["exports"] = export_recovered(args.output_dir, formats, original.data.eval.batches,
+                                                rec.export_allow_rounding)
         Path(args.output_dir, STATS_FILE).write_text(json.dumps(stats, indent=2))
         if args.push_to_hub:
             push_recovered(args.output_dir, args.hub_model_id or Path(args.output_dir).name,
-                           private=bool(args.hub_private_repo), token=args.hub_token)
+                           private=bool(args.hub_private_repo), token=args.hub_token, hub_format=hub_format)
         else:
             write_card(args.output_dir)
     return stats
+
+
+def resolve_hub_format(rec: RecoveryArguments, output_dir: str) -> str:
+    """``hub_format`` with ``auto`` resolved: compressed-tensors for a quantized student that has an
+    exact form there, else dense."""
+    if rec.hub_format != "auto":
+        return rec.hub_format
+    weights = read_student(output_dir)
+    return "compressed-tensors" if weights.grids() and "compressed-tensors" in exact_formats(weights) else "dense"
 
 
 def degraded_student(teacher: nn.Module, tokenizer, data, rec, args) -> Student:
