@@ -386,7 +386,7 @@ def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high
     scale, shift = _scales_from(low, high, bits, r, fp16_scales)
     lo, hi = code_range(bits, symmetric=shift is None)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    v = (grouped.clone() if shift is None else grouped + shift).div_(divisor).round_().clamp_(lo, hi).mul_(scale)
+    v = ((grouped if shift is None else grouped + shift) / divisor).round_().clamp_(lo, hi).mul_(scale)
     if shift is not None:
         v.sub_(shift)
     return torch.sub(grouped, v, out=v)

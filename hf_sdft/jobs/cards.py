@@ -163,18 +163,29 @@ def _linked_plots(output_dir: Path) -> dict[str, str]:
 
 def export_sections(stats: dict, load_path: str, hub_format: str | None) -> list[dict]:
     """Per exported format: where it is (the repository's root for ``hub_format``, else its
-    subfolder), its grid, size and measured perplexity, and the lines that load or serve it."""
+    subfolder), its grid, size and measured perplexity, and the lines that load or serve it (the
+    same lines for a local folder and a Hub repo: ``subfolder=`` / ``gguf_file=`` reach inside)."""
+    hub = _hub_id(load_path) is not None
     sections = []
     for fmt, info in stats.get("exports", {}).items():
-        path = load_path if fmt == hub_format else f"{load_path}/{info['path']}"
+        sub = None if fmt == hub_format else info["path"]
+        path = f"{load_path}/{sub}" if sub else load_path
+        download = hub and sub is not None  # engines take a Hub id for the root only: fetch a subfolder first
+        local = sub if download else path
+        fetch = [f"huggingface-cli download {load_path} --include '{sub}/*' --local-dir ."] if download else []
         if fmt == "gguf":
+            gguf = f"{sub}/model.gguf" if sub else "model.gguf"
             python = (f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained('
-                      f'"{path}", gguf_file="model.gguf")')
-            shell = [f"llama-cli -m {path}/model.gguf -p \"In the beginning\" -n 40",
-                     f"ollama create {Path(load_path).name.lower()} -f {path}/Modelfile"]
+                      f'"{load_path}", gguf_file="{gguf}")')
+            if hub and sub is None:
+                fetch, local = [f"huggingface-cli download {load_path} model.gguf Modelfile --local-dir ."], "."
+            shell = fetch + [f'llama-cli -m {local}/model.gguf -p "In the beginning" -n 40',
+                             f"ollama create {Path(load_path).name.lower()} -f {local}/Modelfile"]
         else:
-            python = f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{path}")'
-            shell = [f"vllm serve {path}", f"python -m sglang.launch_server --model-path {path}"] \
+            where = f', subfolder="{sub}"' if sub else ""
+            python = (f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained('
+                      f'"{load_path}"{where})')
+            shell = fetch + [f"vllm serve {local}", f"python -m sglang.launch_server --model-path {local}"] \
                 if fmt == "compressed-tensors" else []
         sections.append({"format": fmt, "path": path, "python": python, "shell": shell, **info})
     return sections
