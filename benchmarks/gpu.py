@@ -108,7 +108,8 @@ def time_calls(fn, warmup: int, reps: int) -> tuple[float, float | None]:
 
 
 def part_loss(a, save: Saver) -> None:
-    from hf_sdft.trainer.losses import distillation_loss, fused_linear_kd_ce_loss
+    from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
+    from hf_sdft.trainer.losses import distillation_loss
 
     dev, dtype = device(), torch.bfloat16 if device().type == "cuda" else torch.float32
     n, shapes, reps = (16_384, SHAPES, 5) if not a.smoke else (256, [(64, 1000)], 2)

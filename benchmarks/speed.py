@@ -47,7 +47,8 @@ from transformers import (
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
 from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
-from hf_sdft.trainer.losses import distillation_loss, fused_linear_kd_ce_loss, token_cross_entropy
+from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
+from hf_sdft.trainer.losses import distillation_loss, token_cross_entropy
 from hf_sdft.trainer.teacher_cache import cache_teacher
 
 HIDDEN, VOCAB = 1024, 151_936

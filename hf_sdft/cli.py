@@ -75,6 +75,7 @@ def _recipe_parser():
 @verb("recover", "degrade a model, recover it by self-distillation, print the results table (no arguments: the "
       "embedded model, int2 in groups of 32, ~2 minutes on 2 CPU cores)", *RECIPE, config=True)
 def cmd_recover(rec, args, model_args) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from hf_sdft.jobs.recover import run_recovery
     from hf_sdft.jobs.stats import format_table
 
@@ -87,8 +88,9 @@ def cmd_recover(rec, args, model_args) -> dict:
 
 @verb("degrade", "write the degraded student only", *RECIPE, config=True)
 def cmd_degrade(rec, args, model_args) -> None:
-    from hf_sdft.compress.student import save_student
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from hf_sdft.jobs.recover import degraded_student, load
+    from hf_sdft.jobs.student import save_student
 
     original = load(rec, args, model_args)
     student = degraded_student(original.model, original.tokenizer, original.data, rec, args)
@@ -100,6 +102,7 @@ def cmd_degrade(rec, args, model_args) -> None:
 @verb("cache-teacher", "run the teacher once over a recipe's training data and save its top-k outputs "
       "(then: recover --teacher_cache DIR)", *RECIPE, "hf_sdft.trainer.teacher_cache:CacheArguments", config=True)
 def cmd_cache_teacher(rec, args, model_args, cache) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     import torch
 
     from hf_sdft.jobs.recover import load
@@ -119,6 +122,7 @@ def cmd_cache_teacher(rec, args, model_args, cache) -> dict:
 @verb("study", "does CKA track recovery, and cause it? recover under several arms and seeds, correlate CKA with "
       "perplexity (study.md)", *RECIPE, "hf_sdft.jobs.study:StudyArguments", config=True)
 def cmd_study(rec, args, model_args, study) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from hf_sdft.jobs.study import run_study
 
     result = run_study(rec, args, model_args, study)
@@ -131,11 +135,13 @@ def cmd_study(rec, args, model_args, study) -> dict:
 @verb("rewrite", "the original model rewrites a fine-tuning set's responses in its own words (resumable)",
       "hf_sdft.jobs.rewrite:RewriteArguments")
 def cmd_rewrite(a) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from transformers import AutoTokenizer
 
-    from hf_sdft.compress.student import load_model, model_folder
+    from hf_sdft.compress.checkpoint import load_model
     from hf_sdft.data import default_model_path
     from hf_sdft.jobs.rewrite import rewrite_file
+    from hf_sdft.modeling import model_folder
 
     if a.train_file is None or a.output_file is None:
         raise SystemExit("hf-sdft rewrite needs --train_file DATA.jsonl and --output_file OUT.jsonl")
@@ -150,12 +156,14 @@ def cmd_rewrite(a) -> dict:
 @verb("eval", "perplexity, per-layer CKA (and lm-eval tasks) of a student against its teacher",
       "hf_sdft.jobs.evaluation:EvalArguments", "hf_sdft.jobs.evaluation:EvalDataArguments")
 def cmd_eval(ev, rec) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from transformers import AutoTokenizer
 
     from hf_sdft.cka.measure import measure_cka, per_layer
-    from hf_sdft.compress.student import load_model, model_folder
+    from hf_sdft.compress.checkpoint import load_model
     from hf_sdft.data import data_format, default_data_file, held_out, load_examples
     from hf_sdft.jobs.evaluation import perplexity
+    from hf_sdft.modeling import model_folder
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder(ev.teacher, "--teacher"))
     ds = load_examples(data_file=rec.eval_file or default_data_file("eval"), txt_sample_by=rec.txt_sample_by)
@@ -170,6 +178,7 @@ def cmd_eval(ev, rec) -> dict:
         "cka_mean": float(cka.mean()),
     }
     if rec.eval_tasks:
+        # lazy: lm-evaluation-harness (the [eval] extra) only when tasks are asked for
         from hf_sdft.jobs.downstream import evaluate_tasks
 
         result["downstream"] = {name: evaluate_tasks(model, tokenizer, rec.eval_tasks, limit=rec.eval_limit)
@@ -182,6 +191,7 @@ def cmd_eval(ev, rec) -> dict:
       "(llama.cpp, Ollama) or dense: hf-sdft export STUDENT_DIR --format F", "hf_sdft.jobs.export:ExportArguments",
       "hf_sdft.jobs.evaluation:EvalDataArguments", positional="student_dir")
 def cmd_export(a, data) -> dict:
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from hf_sdft.jobs.export import run_export
 
     result = run_export(a, data)
@@ -198,6 +208,7 @@ def cmd_export(a, data) -> dict:
 @verb("card", "(re)build the model card and plots of a recovery output folder: hf-sdft card FOLDER",
       "hf_sdft.jobs.cards:CardArguments", positional="output_dir")
 def cmd_card(a):
+    # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
     from hf_sdft.jobs.cards import write_card
 
     path = write_card(a.output_dir, a.repo_id)

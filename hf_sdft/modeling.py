@@ -225,3 +225,38 @@ def comma_list(value) -> list[str]:
     items = value.split(",") if isinstance(value, str) else list(value)
     return [str(v).strip() for v in items if str(v).strip()]
 
+
+@contextlib.contextmanager
+def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[nn.Module]:
+    """Yield the module that computes the teacher's outputs, under ``torch.no_grad()``.
+
+    ``teacher=None`` means "the PEFT student's base model with its adapters disabled".
+    """
+    with torch.no_grad():
+        if teacher is not None:
+            yield teacher
+            return
+        peft_model = unwrap(student)
+        if not is_peft(peft_model):
+            raise ValueError("teacher_model=None needs a PEFT student (its base model is the teacher)")
+        with evaluating(peft_model), peft_model.disable_adapter():  # no dropout in the teacher's targets
+            yield peft_model
+
+
+def model_folder(name_or_path: str, what: str = "model") -> Path:
+    """A local folder for ``name_or_path``: itself, or the Hub snapshot of that repo id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists()
+    if looks_local:
+        raise FileNotFoundError(f"{what} {name_or_path}: no such folder. Give an existing model folder or a Hub id")
+    from huggingface_hub import snapshot_download  # lazy: the Hub client only for a repo id
+
+    try:
+        return Path(snapshot_download(name_or_path))
+    except Exception as err:  # offline, unknown repo, gated...
+        raise OSError(
+            f"{what} {name_or_path!r} is not a local folder and could not be fetched from the Hub ({err}). "
+            "Check the path, or the repo id and your network / HF_HUB_OFFLINE setting"
+        ) from None

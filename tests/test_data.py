@@ -14,7 +14,6 @@ from hf_sdft.data import (
     default_data_file,
     default_model_path,
     load_examples,
-    load_recovery_data,
     load_texts,
     pack_blocks,
     read_txt,
@@ -22,6 +21,7 @@ from hf_sdft.data import (
 )
 from hf_sdft.jobs.config import RecoveryArguments
 from hf_sdft.jobs.evaluation import perplexity
+from hf_sdft.jobs.recovery_data import load_recovery_data
 
 from .helpers import cpu_args, make_model, make_tokenizer
 

@@ -7,6 +7,7 @@ from transformers import TrainerCallback
 
 from hf_sdft.cka.measure import CKA_PREFIX, measure_cka, per_layer
 from hf_sdft.data import tokenize_probe
+from hf_sdft.modeling import parse_layers
 
 
 class CKACallback(TrainerCallback):
@@ -45,8 +46,6 @@ class CKACallback(TrainerCallback):
             raise ValueError(f"every_n_steps={every_n_steps} must be a positive number of steps or None")
         if max_tokens < 4:
             raise ValueError(f"max_tokens={max_tokens} is too small to measure CKA (need at least 4 tokens)")
-        from hf_sdft.modeling import parse_layers
-
         self.probe_dataset = probe_dataset
         self.teacher_model = teacher_model
         self.layers = parse_layers(layers)

@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 from hf_sdft.cka.metric import MinibatchCKA
 from hf_sdft.data import model_inputs
 from hf_sdft.distributed import progress_disabled, shard
-from hf_sdft.modeling import capture_layers, evaluating, forward_until_captured, resolve_layers, unwrap
-from hf_sdft.trainer.teacher import teacher_context
+from hf_sdft.modeling import capture_layers, evaluating, forward_until_captured, resolve_layers, teacher_context, unwrap
 
 CKA_PREFIX = "cka/"
 

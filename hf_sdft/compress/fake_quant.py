@@ -76,6 +76,25 @@ def is_scale_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in SCALE_NAMES
 
 
+SCALES_LR_RATIO = 0.1  # learned scales' learning rate ÷ the weights' (the one default of quant_scales_lr_ratio)
+
+
+def split_scale_parameters(named) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(others, scales)``: the parameters of ``named`` (``(name, parameter)`` pairs) that require a
+    gradient, the held quantization scales and shifts (:func:`is_scale_parameter`) apart."""
+    others, scales = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (scales if is_scale_parameter(name) else others).append(p)
+    return others, scales
+
+
+def scale_group(params, lr: float, ratio: float = SCALES_LR_RATIO) -> dict:
+    """The optimizer group of learned scales and shifts: learning rate ``lr × ratio``, no weight decay
+    (the trainers' :meth:`create_optimizer` and block reconstruction both build it here)."""
+    return {"params": list(params), "lr": lr * ratio, "weight_decay": 0.0}
+
+
 def code_range(bits: int, symmetric: bool = False) -> tuple[int, int]:
     """The integer codes of ``bits``: ``(-128, 127)`` for int8; for int4 / int2 ``(0, 2^bits - 1)``
     on quanto's asymmetric grid, ``(-2^(bits-1), 2^(bits-1) - 1)`` on the symmetric one."""
@@ -259,7 +278,7 @@ class FakeQuantLinear(nn.Linear):
     ``weight_shift`` ``(rows, 1)`` (rows: groups, or output rows), as buffers (fixed, e.g. from
     :func:`clip_search`) or as parameters trained with the loss (``learnable``, LSQ / OmniQuant
     style, see :func:`fake_quantize`), named ``weight_scale`` / ``weight_shift``: hf-sdft's trainers
-    give them a group of their own (learning rate × ``quant_scales_lr_ratio``, 0.1 by default, no
+    give them a group of their own (:func:`scale_group`: learning rate × ``quant_scales_lr_ratio``, no
     weight decay); a plain optimizer treats them as any parameter. Saving writes the codes on
     the held grid and the held scale and shift themselves, so the saved model computes what was
     trained.
@@ -459,24 +478,8 @@ def clip_search(weight: torch.Tensor, bits: int, group_size: int | None, inputs:
 
     Returns ``(scale, shift, ratio)``, each ``(rows, 1)`` (``shift`` None for int8).
 
-    Cost: one forward of the calibration batches to capture the inputs
-    (:func:`~hf_sdft.compress.quantize.calibration_inputs`), then per layer, float32, 512 tokens,
-    11 ratios, measured on 2 shared CPU cores (best of 2–3 runs; not measured on a GPU):
-
-    ============  ==================  ===================  =========
-    layer         groups of 128, no   groups of 128,       per row
-                  sweep               2 sweeps (default)
-    ============  ==================  ===================  =========
-    1024 × 1024   0.5 s               1.2–1.4 s            0.4 s
-    4096 × 4096   5.6 s               17 s                 4.2 s
-    ============  ==================  ===================  =========
-
-    The products behind it: per ratio ``min(tokens, group) · in · out`` multiply-adds for the
-    per-group search, per sweep about ``(3 · tokens + 11 · group) · in · out``.
-
-    Effect before any training, on the embedded 1.1M model (16 calibration blocks of 128 tokens,
-    held-out perplexity, original 19.98): int2 per row 63.2 → 28.3, int2 groups of 32 35.6 → 26.5,
-    int4 per row 20.62 → 20.40, int4 groups of 32 20.31 → 20.18."""
+    Its cost per layer and its effect before training on the embedded model are measured in
+    ``benchmarks/costs.md``."""
     if not ratios or ratios[0] != 1.0:
         raise ValueError(f"ratios must start with 1.0 (quanto's plain grid), got {ratios}")
     w = weight.detach().float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_sdft.compress.base import Degradation, register_degradation
+from hf_sdft.compress.base import Degradation
 from hf_sdft.compress.calibration import StopForward, layer_tokens, run_calibration
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -253,11 +254,10 @@ def prune(
             (Frantar & Alistarh 2023, :func:`sparsegpt_layer`) chooses the weights by their OBS
             saliency and updates the kept ones to reconstruct each layer's outputs on ``calibration``,
             block after block (each block's inputs come from the already pruned earlier blocks);
-            unstructured, each layer loses exactly ``round(sparsity·numel)`` weights. Cost per layer
-            (``benchmarks/sparsegpt_cost.py``; CPU, 2 cores shared, best of runs; GPU not measured):
-            1024×1024 0.5–0.7 s, 4096×4096 8–14 s (unstructured ≈ 2:4), plus accumulating
-            ``XᵀX`` (tokens·in² multiply-adds) and, per decoder block, the forward pass of
-            ``calibration`` up to that block (about L/2 full passes for L blocks).
+            unstructured, each layer loses exactly ``round(sparsity·numel)`` weights. Its cost:
+            accumulating ``XᵀX`` (tokens·in² multiply-adds), the per-layer solve, and per decoder
+            block the forward pass of ``calibration`` up to that block (about L/2 full passes for L
+            blocks); measured in ``benchmarks/costs.md``.
         calibration: tokenized batches for Wanda and SparseGPT: dicts of ``input_ids`` ``(B, T)`` and optional
             ``attention_mask`` ``(B, T)`` (padded tokens are not counted).
         include: fnmatch patterns over module names choosing the layers (see :func:`prunable_layers`).
@@ -330,12 +330,24 @@ def resolve_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str,
     return resolved
 
 
+def pruned_weights(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(weight, pruned positions)]`` of every layer of ``model`` (plain or wrapped, see
+    :func:`resolve_masks`) that ``masks`` covers: what :func:`zero_pruned` keeps at zero."""
+    modules = dict(model.named_modules())
+    return [(modules[name].weight, ~mask) for name, mask in resolve_masks(model, masks).items()]
+
+
+@torch.no_grad()
+def zero_pruned(pruned: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Zero the pruned positions of each weight in place (:func:`pruned_weights`): the one place
+    masks are re-applied, by :class:`SparsityCallback`, :func:`apply_masks` and block reconstruction."""
+    for weight, positions in pruned:
+        weight.masked_fill_(positions, 0)
+
+
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Zero the pruned weights of ``model`` (plain or wrapped, see :func:`resolve_masks`) in place."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, mask in resolve_masks(model, masks).items():
-            modules[name].weight.masked_fill_(~mask, 0)
+    zero_pruned(pruned_weights(model, masks))
     return model
 
 
@@ -370,37 +382,45 @@ class SparsityCallback(TrainerCallback):
         self.masks = masks
         self._pruned: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _bind(self, model: nn.Module) -> None:
-        modules = dict(model.named_modules())
-        self._pruned = [(modules[name].weight, ~mask) for name, mask in resolve_masks(model, self.masks).items()]
-
-    def _apply(self) -> None:
-        with torch.no_grad():
-            for weight, pruned in self._pruned:
-                weight.masked_fill_(pruned, 0)
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._bind(model)
-        self._apply()
+        self._pruned = pruned_weights(model, self.masks)
+        zero_pruned(self._pruned)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self._pruned:
-            self._bind(model)
-        self._apply()
+            self._pruned = pruned_weights(model, self.masks)
+        zero_pruned(self._pruned)
 
 
-@register_degradation
+@dataclass
+class PruneOptions:
+    """The options of :class:`PruneDegradation` (see :func:`prune`)."""
+
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    method: str = "magnitude"
+
+
 class PruneDegradation(Degradation):
     """Pruning (see :func:`prune`); the masks are kept through recovery by :class:`SparsityCallback`."""
 
     kind = "prune"
+    Options = PruneOptions
 
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", method: str = "magnitude"):
-        nm = _parse(sparsity, pattern, method)
-        self.sparsity = sparsity if nm is None else 1 - nm[0] / nm[1]
-        self.pattern, self.method = pattern, method
-        self.masks: dict[str, torch.Tensor] | None = None
+    def __init__(self, options: PruneOptions | None = None, **fields):
+        super().__init__(options, **fields)
+        o = self.options
+        nm = _parse(o.sparsity, o.pattern, o.method)
+        self.sparsity = o.sparsity if nm is None else 1 - nm[0] / nm[1]
+        self.pattern, self.method = o.pattern, o.method
         self.measured: float | None = None
+
+    @classmethod
+    def keeping(cls, masks: dict[str, torch.Tensor]) -> PruneDegradation:
+        """The degradation of a model pruned elsewhere, whose ``masks`` are to be kept."""
+        kept = cls()
+        kept.masks = masks
+        return kept
 
     def apply(self, model: nn.Module, calibration: list[dict] | None = None) -> nn.Module:
         self.masks = prune(model, self.sparsity, self.pattern, self.method, calibration)
@@ -416,7 +436,7 @@ class PruneDegradation(Degradation):
     def tags(self) -> list[str]:
         return ["pruned", self.pattern, self.method]
 
-    def callbacks(self, model: nn.Module) -> list[TrainerCallback]:
+    def callbacks(self, model: nn.Module | None = None) -> list[TrainerCallback]:
         if self.masks is None:
             raise ValueError("no masks yet: call apply(model) before callbacks()")
         return [SparsityCallback(self.masks)]

@@ -10,7 +10,7 @@ extension, minutes with nvcc, at the first unpacking of int4/int2 weights):
   quantization on quanto's grid, so the checkpoint :func:`save_quantized` writes computes exactly
   what was trained. The one exception is activation quantization (int8 / fp8 activations, a rare
   option): those layers stay quanto's own ``QLinear``, which re-quantizes at every forward.
-- Frozen layers (:func:`freeze_base`, the memory-light LoRA base, and models from
+- Frozen layers (:func:`to_quanto`, the memory-light LoRA base, and models from
   :func:`load_quantized`) are quanto's, with its pure-PyTorch ``quanto::unpack`` registered over
   the compiled CPU/CUDA ones (:func:`use_pure_kernels`). Caveat: quanto picks its AWQ (compiled)
   layout for float16 int4 weights in groups of 128 on CUDA; hf-sdft's students are float32.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
@@ -32,25 +33,29 @@ from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hf_sdft.compress.base import Degradation, register_degradation
+from hf_sdft.compress.base import Degradation
 from hf_sdft.compress.calibration import layer_tokens, run_calibration
 from hf_sdft.compress.fake_quant import (
     CLIP_RATIOS,
     CLIP_TOKENS,
+    SCALES_LR_RATIO,
     FakeQuantLinear,
     clip_search,
     code_offset,
     on_fp16_grid,
+    scale_group,
+    split_scale_parameters,
     stored_symmetric,
 )
 from hf_sdft.modeling import check_safetensors
 
-WEIGHT_TYPES = {"int8": qint8, "int4": qint4, "int2": qint2}
+BITS_QTYPES = {8: qint8, 4: qint4, 2: qint2}  # the one bits ↔ quanto weight type table; the two below derive from it
+WEIGHT_TYPES = {f"int{bits}": qtype for bits, qtype in BITS_QTYPES.items()}
 ACTIVATION_TYPES = {"int8": qint8, "fp8": qfloat8}
 QMAP_FILE = "quanto_qmap.json"
 GROUPS_FILE = "quanto_group_sizes.json"
 WEIGHTS_FILE = "model.safetensors"
-QTYPE_BITS = {qint8.name: 8, qint4.name: 4, qint2.name: 2}
+QTYPE_BITS = {qtype.name: bits for bits, qtype in BITS_QTYPES.items()}
 SCHEMES = ("asymmetric", "symmetric")  # int4 / int2 grids (see hf_sdft.compress.fake_quant)
 
 
@@ -219,7 +224,7 @@ def _group_sizes(model: nn.Module) -> dict[str, int | None]:
 
 def _frozen_quanto(layer: FakeQuantLinear) -> QLinear:
     """A frozen quanto ``QLinear`` holding ``layer``'s integer weights (the same values) and bias."""
-    qtype = {8: qint8, 4: qint4, 2: qint2}[layer.bits]
+    qtype = BITS_QTYPES[layer.bits]
     weight = layer.weight
     frozen = QLinear.qcreate(layer, qtype, device="meta").to_empty(device=weight.device)
     frozen.input_scale = torch.ones((), dtype=weight.dtype, device=weight.device)
@@ -308,11 +313,6 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", subfold
     return model.to(device).eval()
 
 
-def freeze_base(model: nn.Module) -> nn.Module:
-    """Freeze quantized layers to integer weights (the memory-light base for LoRA adapters)."""
-    return to_quanto(model)
-
-
 def thaw_quantized(model: nn.Module, hold_scales: bool = False, learn_scales: bool = False) -> nn.Module:
     """Turn frozen integer weights (e.g. from :func:`load_quantized`) back into trainable float
     weights holding their dequantized values, in :class:`FakeQuantLinear` layers that fake-quantize
@@ -385,25 +385,54 @@ def quantization_summary(model: nn.Module) -> dict:
     return {"weights": sorted(weights), "activations": sorted(acts), "layers": len(modules)}
 
 
-@register_degradation
+@dataclass
+class QuantoOptions:
+    """The options of :class:`QuantoDegradation` (see :func:`quantize_student`). ``group_size``:
+    an int, ``"auto"``, or None (one scale per output row); the strings ``"channel"`` (None) and
+    ``"32"`` (32) are read as the CLI gives them."""
+
+    weights: str = "int4"
+    activations: str | None = None
+    group_size: int | str | None = "auto"
+    exclude: tuple[str, ...] = ("lm_head",)
+    clip_search: bool = False
+    learn_scales: bool = False
+    scheme: str = "asymmetric"
+    fp16_scales: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quant_scheme={self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.group_size == "channel":
+            self.group_size = None
+        elif isinstance(self.group_size, str) and self.group_size != "auto":
+            self.group_size = int(self.group_size)
+        self.exclude = tuple(self.exclude)
+        _check_types(self.weights, self.activations)
+        if (self.clip_search or self.learn_scales) and self.activations is not None:
+            raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
+
+
 class QuantoDegradation(Degradation):
     """Weight (and optionally activation) quantization with optimum-quanto."""
 
     kind = "quanto"
+    Options = QuantoOptions
+    is_quantized = True
 
-    def __init__(self, weights: str = "int4", activations: str | None = None, group_size="auto",
-                 exclude: tuple[str, ...] = ("lm_head",), clip_search: bool = False, learn_scales: bool = False,
-                 scheme: str = "asymmetric", fp16_scales: bool = False):
-        _check_types(weights, activations)
-        if scheme not in SCHEMES:
-            raise ValueError(f"quant_scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
-        if (clip_search or learn_scales) and activations is not None:
-            raise ValueError("clip search and learned scales apply to weight-only quantization (activations None)")
-        self.weights, self.activations, self.group_size, self.exclude = weights, activations, group_size, tuple(exclude)
-        self.clip_search, self.learn_scales = clip_search, learn_scales
-        self.scheme, self.fp16_scales = scheme, fp16_scales and activations is None
+    def __init__(self, options: QuantoOptions | None = None, **fields):
+        super().__init__(options, **fields)
+        o = self.options
+        self.weights, self.activations, self.group_size, self.exclude = o.weights, o.activations, o.group_size, o.exclude
+        self.clip_search, self.learn_scales = o.clip_search, o.learn_scales
+        self.scheme, self.fp16_scales = o.scheme, o.fp16_scales and o.activations is None
         self.effective_group_sizes: dict[str, int | None] = {}
         self.clipped: dict[str, float] = {}
+
+    def param_groups(self, model: nn.Module, lr: float, ratio: float = SCALES_LR_RATIO) -> list[dict]:
+        """The learned scales and shifts (``learn_scales``) in a group of their own (:func:`scale_group`)."""
+        _, scales = split_scale_parameters(model.named_parameters())
+        return [scale_group(scales, lr, ratio)] if scales else []
 
     def apply(self, model, calibration=None):
         quantize_student(model, self.weights, self.activations, self.exclude, self.group_size, calibration,

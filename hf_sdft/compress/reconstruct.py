@@ -32,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_sdft.compress.calibration import StopForward
-from hf_sdft.compress.fake_quant import is_scale_parameter
+from hf_sdft.compress.fake_quant import SCALES_LR_RATIO, FakeQuantLinear, scale_group, split_scale_parameters
+from hf_sdft.compress.prune import pruned_weights, zero_pruned
 from hf_sdft.modeling import decoder_layers, is_peft, unwrap
 
 
@@ -42,8 +43,8 @@ def _block_output(output):
 
 def check_reconstructible(student: nn.Module) -> None:
     """Raise when ``student`` cannot be reconstructed block by block (see the module docstring)."""
-    from hf_sdft.compress.fake_quant import FakeQuantLinear
-    from hf_sdft.compress.quantize import quantized_modules  # every quanto call stays in quantize.py
+    # lazy: quantize.py imports optimum-quanto (every quanto call stays there), needed only here
+    from hf_sdft.compress.quantize import quantized_modules
 
     if is_peft(student):
         raise ValueError("block reconstruction trains the student's own weights: it cannot run on a PEFT-wrapped "
@@ -128,7 +129,7 @@ def reconstruct_blocks(
     steps: int = 50,
     lr: float = 1e-4,
     masks: dict[str, torch.Tensor] | None = None,
-    scales_lr_ratio: float = 0.1,
+    scales_lr_ratio: float = SCALES_LR_RATIO,
     progress: bool | None = None,
 ) -> dict:
     """Reconstruct ``student``'s decoder blocks one after the other on the teacher's block outputs
@@ -140,8 +141,6 @@ def reconstruct_blocks(
     each block's mean squared error to the teacher's output on its student-stream inputs, before
     and after its ``steps`` steps (the same batches as the training; no held-out data).
     ``progress``: a progress bar over the blocks (None: tqdm's choice, on a terminal only)."""
-    from hf_sdft.compress.prune import resolve_masks
-
     check_reconstructible(student)
     if not batches:
         raise ValueError("block reconstruction needs calibration batches")
@@ -152,10 +151,7 @@ def reconstruct_blocks(
         raise ValueError(f"the student has {len(s_blocks)} decoder blocks and the teacher {len(t_blocks)}")
     keeps = [None if b.get("attention_mask") is None else torch.as_tensor(b["attention_mask"]).bool()
              for b in batches]
-    pruned = []
-    if masks:
-        modules = dict(student.named_modules())
-        pruned = [(modules[name].weight, ~mask) for name, mask in resolve_masks(student, masks).items()]
+    pruned = pruned_weights(student, masks) if masks else []
     was_training, grads = student.training, {p: p.requires_grad for p in student.parameters()}
     teacher_training = teacher.training
     student.eval()
@@ -176,12 +172,10 @@ def reconstruct_blocks(
 
             report["mse_before"].append(errors())
             block.requires_grad_(True)
-            named = [(n, p) for n, p in block.named_parameters() if p.is_floating_point()]
-            scales = [p for n, p in named if is_scale_parameter(n)]
-            rest = [p for n, p in named if not is_scale_parameter(n)]
+            rest, scales = split_scale_parameters((n, p) for n, p in block.named_parameters() if p.is_floating_point())
             groups = [{"params": rest, "lr": lr}]
             if scales:
-                groups.append({"params": scales, "lr": lr * scales_lr_ratio})
+                groups.append(scale_group(scales, lr, scales_lr_ratio))
             optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
             for step in range(steps):
                 j = step % len(batches)
@@ -190,10 +184,7 @@ def reconstruct_blocks(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if pruned:
-                    with torch.no_grad():
-                        for weight, zeroed in pruned:
-                            weight.masked_fill_(zeroed, 0)
+                zero_pruned(pruned)
             optimizer.zero_grad(set_to_none=True)
             del optimizer
             block.requires_grad_(False)

@@ -243,8 +243,8 @@ def read_student(folder: str | Path) -> StudentWeights:
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json nor adapter_config.json): give the "
                                 "output_dir of hf-sdft recover or a transformers / quanto / PEFT folder")
     if (folder / "adapter_config.json").exists():
-        # lazy: loading a PEFT student needs the trainer-side loaders, which plain exports never touch
-        from hf_sdft.compress.student import load_model
+        # lazy: loads quanto and peft, which exports of plain folders never need
+        from hf_sdft.compress.checkpoint import load_model
 
         model = load_model(str(folder))
         merged = model.merge_and_unload()

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from transformers.trainer_utils import SchedulerType
 
+from hf_sdft.compress import DEGRADATIONS
 from hf_sdft.data import DEFAULT_SPLITS, TXT_SAMPLE_BY
 from hf_sdft.export import EXPORT_FORMATS
 from hf_sdft.modeling import comma_list
 from hf_sdft.trainer.config import SDFTConfig, resolve_mixed_precision
 
-
-
 DEGRADATION_KINDS = ("quanto", "prune", "forgetting", "none")
+DEGRADATION_PREFIXES = {"quanto": "quant", "prune": "prune"}  # a registered degradation's options: <prefix>_<option>
 
 
 FORGETTING_MODES = ("recover", "prevent", "rewrite")
@@ -71,8 +71,9 @@ class RecoveryArguments:
     block_reconstruction: bool = field(
         default=False,
         metadata={"help": "Before end-to-end training, train each decoder block of the student alone on the teacher's "
-                  "block output over the calibration_blocks (EfficientQAT's Block-AP); off by default, not "
-                  "benchmarked yet. Skipped when resuming from a checkpoint."},
+                  "block output over the calibration_blocks (EfficientQAT's Block-AP); off by default; the "
+                  "recipes that benchmark better with it turn it on (benchmarks/recovery.md). Skipped when resuming "
+                  "from a checkpoint."},
     )
     block_reconstruction_steps: int = field(
         default=100, metadata={"help": "AdamW steps per decoder block of the block reconstruction (one batch of "
@@ -178,26 +179,15 @@ class RecoveryArguments:
         named = self.narrow_dataset_name or self.narrow_train_file or self.narrow_eval_file
         return self.degradation == "forgetting" or bool(named)
 
-    def group_size(self):
-        if self.quant_group_size in ("auto", "channel"):
-            return "auto" if self.quant_group_size == "auto" else None
-        return int(self.quant_group_size)
-
     def build_degradation(self):
-        """The registered degradation to apply (None for forgetting, none, or your own student)."""
-        from hf_sdft.compress import get_degradation
-
-        if self.student_name_or_path is not None:
+        """The registered degradation to apply (None for forgetting, none, or your own student): its
+        options are this job's fields named ``<prefix>_<option>`` (``DEGRADATION_PREFIXES``)."""
+        if self.student_name_or_path is not None or self.degradation not in DEGRADATIONS:
             return None
-        if self.degradation == "quanto":
-            return get_degradation("quanto", weights=self.quant_weights, activations=self.quant_activations,
-                                   group_size=self.group_size(), clip_search=self.quant_clip_search,
-                                   learn_scales=self.quant_learn_scales, scheme=self.quant_scheme,
-                                   fp16_scales=self.quant_fp16_scales)
-        if self.degradation == "prune":
-            return get_degradation("prune", sparsity=self.prune_sparsity, pattern=self.prune_pattern,
-                                   method=self.prune_method)
-        return None
+        prefix = DEGRADATION_PREFIXES[self.degradation]
+        cls = DEGRADATIONS[self.degradation]
+        return cls(**{name: getattr(self, f"{prefix}_{name}") for name in cls.option_names()
+                      if hasattr(self, f"{prefix}_{name}")})
 
 
 @dataclass

@@ -8,7 +8,6 @@ llama-cpp-python is installed, llama.cpp itself — and measures held-out perple
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.export import EXPORT_FORMATS, REPORT_FILE, ExportReport, check_format, export_student
 from hf_sdft.jobs.evaluation import nll_and_count, perplexity_of
 
@@ -115,8 +115,7 @@ def run_export(a: ExportArguments, data) -> dict:
     report = export_student(a.student_dir, a.format, a.output_dir, a.allow_rounding, a.overwrite)
     result = _summary(report) | {"files": report.files}
     if a.measure:
-        from hf_sdft.compress.student import load_model  # lazy: the student's own loader (quanto, PEFT)
-        from hf_sdft.data import data_format, default_data_file, held_out, load_examples
+        from hf_sdft.data import data_format, default_data_file, held_out, load_examples  # lazy: only to measure
 
         tokenizer = AutoTokenizer.from_pretrained(a.student_dir)
         ds = load_examples(data_file=data.eval_file or default_data_file("eval"), txt_sample_by=data.txt_sample_by)
@@ -129,8 +128,3 @@ def run_export(a: ExportArguments, data) -> dict:
         Path(a.output_dir, REPORT_FILE).write_text(json.dumps(reported | {"measured": {
             k: v for k, v in result.items() if k.startswith("perplexity")}}, indent=2) + "\n")
     return result
-
-
-def relative_gap(a: float, b: float) -> float:
-    """``|a − b| / b``, for perplexities (inf when b is not finite)."""
-    return abs(a - b) / b if math.isfinite(b) and b else math.inf

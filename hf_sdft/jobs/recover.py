@@ -2,9 +2,9 @@
 
     load → student → measure → [block reconstruction → measure] → train → measure → save → card
 
-Each step's pieces live in their own module: arguments in :mod:`hf_sdft.trainer.config`, data in
-:mod:`hf_sdft.data`, the student (your own or degraded here, LoRA, saving) in
-:mod:`hf_sdft.compress.student`, trainers in :mod:`hf_sdft.jobs.sft`, measurements in
+Each step's pieces live in their own module: arguments in :mod:`hf_sdft.jobs.config`, data in
+:mod:`hf_sdft.jobs.recovery_data`, the student (your own, LoRA, saving) in
+:mod:`hf_sdft.jobs.student`, degradations in :mod:`hf_sdft.compress`, trainers in :mod:`hf_sdft.jobs.sft`, measurements in
 :mod:`hf_sdft.jobs.evaluation`, the stats in :mod:`hf_sdft.jobs.stats`, the card in :mod:`hf_sdft.jobs.cards`.
 """
 
@@ -26,17 +26,20 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from hf_sdft.cka.callback import CKACallback
-from hf_sdft.compress.student import Student, add_lora, finish_training, model_folder, own_student, save_student
-from hf_sdft.data import RecoveryData, default_model_path, load_recovery_data
+from hf_sdft.compress.reconstruct import reconstruct_blocks
+from hf_sdft.data import DEFAULT_SPLITS, default_data_file, default_model_path, load_examples, tokenize_examples
 from hf_sdft.distributed import progress_disabled, wait_for_everyone
+from hf_sdft.export import exact_formats, read_student
 from hf_sdft.jobs.cards import STATS_FILE, push_recovered, write_card
 from hf_sdft.jobs.config import RecoveryArguments
-from hf_sdft.export import exact_formats, read_student
 from hf_sdft.jobs.evaluation import measure
 from hf_sdft.jobs.export import export_recovered
+from hf_sdft.jobs.recovery_data import RecoveryData, load_recovery_data
+from hf_sdft.jobs.rewrite import RewriteArguments, rewrite_file
 from hf_sdft.jobs.sft import make_trainer, sft_on_narrow
 from hf_sdft.jobs.stats import build_stats, downstream_scores
-from hf_sdft.modeling import from_pretrained
+from hf_sdft.jobs.student import Student, add_lora, finish_training, own_student, save_student
+from hf_sdft.modeling import from_pretrained, model_folder
 from hf_sdft.trainer.config import SDFTConfig
 
 logger = logging.get_logger(__name__)
@@ -82,8 +85,9 @@ def make_student(original: Original, rec: RecoveryArguments, args: SDFTConfig, m
         raise ValueError("quant_learn_scales trains the quantization scales in full quantization-aware training; "
                          "with use_peft the quantized base is frozen under the adapters: drop one of the two")
     if rec.student_name_or_path is not None:
-        return own_student(rec, original.model, original.tokenizer, use_peft=bool(model_args.use_peft),
-                           use_kernels=args.use_kernels)
+        return own_student(rec.student_name_or_path, original.model, original.tokenizer,
+                           use_peft=bool(model_args.use_peft), keep_sparsity=rec.keep_sparsity,
+                           learn_scales=rec.quant_learn_scales, use_kernels=args.use_kernels)
     return degraded_student(original.model, original.tokenizer, original.data, rec, args)
 
 
@@ -138,8 +142,6 @@ def reconstruct(student: Student, original: Original, rec: RecoveryArguments, ar
     if resume:
         logger.warning(f"block reconstruction skipped: training resumes from {resume}, past this phase")
         return {"ran": False, "skipped": f"resumed from {Path(str(resume)).name}"}
-    from hf_sdft.compress.reconstruct import reconstruct_blocks
-
     report = reconstruct_blocks(student.model, original.model, original.data.calibration(rec.calibration_blocks),
                                 steps=rec.block_reconstruction_steps, lr=rec.block_reconstruction_lr,
                                 masks=student.masks, scales_lr_ratio=args.quant_scales_lr_ratio,
@@ -150,9 +152,6 @@ def reconstruct(student: Student, original: Original, rec: RecoveryArguments, ar
 def rewritten_narrow_task(original: Original, rec: RecoveryArguments, args: SDFTConfig):
     """``forgetting_mode: rewrite``: the narrow training file rewritten by the original
     (``output_dir/narrow_rewritten.jsonl``, resumed when present), tokenized for training."""
-    from hf_sdft.data import DEFAULT_SPLITS, default_data_file, load_examples, tokenize_examples
-    from hf_sdft.jobs.rewrite import RewriteArguments, rewrite_file
-
     source = rec.narrow_train_file
     if source is None and rec.narrow_dataset_name is None and original.path == default_model_path():
         source = default_data_file(DEFAULT_SPLITS[rec.default_data][2])
@@ -225,8 +224,6 @@ def degraded_student(teacher: nn.Module, tokenizer, data, rec, args) -> Student:
     on the narrow task (forgetting)."""
     model = copy.deepcopy(teacher).requires_grad_(True)
     if rec.degradation == "forgetting":
-        from hf_sdft.jobs.sft import sft_on_narrow
-
         sft_on_narrow(model, tokenizer, data, args, rec)
         described = {"kind": "forgetting", "mode": rec.forgetting_mode, "sft_steps": rec.forgetting_steps,
                      "sft_learning_rate": rec.forgetting_learning_rate}
@@ -235,5 +232,4 @@ def degraded_student(teacher: nn.Module, tokenizer, data, rec, args) -> Student:
     if degradation is None:
         return Student(model, {"kind": "none"})
     degradation.apply(model, calibration=data.calibration(rec.calibration_blocks))
-    return Student(model, degradation.describe(), degradation.tags(), masks=getattr(degradation, "masks", None),
-                   quantized=degradation.kind == "quanto")
+    return Student(model, degradation.describe(), degradation.tags(), degradation=degradation)

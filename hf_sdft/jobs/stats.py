@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 
 from hf_sdft.cka.measure import cka_history
+from hf_sdft.jobs.downstream import evaluate_tasks
 from hf_sdft.jobs.evaluation import recovery_ratio
 
 
@@ -14,8 +15,6 @@ def downstream_scores(rec, tokenizer, models: dict) -> dict:
     on ``rec.eval_tasks`` (``{}`` when no task is set)."""
     if not rec.eval_tasks:
         return {}
-    from hf_sdft.jobs.downstream import evaluate_tasks
-
     return {name: evaluate_tasks(model, tokenizer, rec.eval_tasks, limit=rec.eval_limit)
             for name, model in models.items()}
 
@@ -27,7 +26,7 @@ GENERATION_FIELDS = ("on_policy_ratio", "prompt_length", "max_new_tokens", "gene
 def build_stats(rec, args, model_args, model_path, student, teacher_m, before, after, trainer, downstream,
                 seconds) -> dict:
     """Every figure of the run; ``teacher_m`` / ``before`` / ``after`` come from
-    :func:`~hf_sdft.evaluation.measure`, ``student`` is a :class:`~hf_sdft.compress.student.Student`."""
+    :func:`~hf_sdft.jobs.evaluation.measure`, ``student`` is a :class:`~hf_sdft.jobs.student.Student`."""
     steps = trainer.state.global_step if trainer is not None else rec.forgetting_steps
     stats = {
         "base_model": model_path,

@@ -139,6 +139,7 @@ def run_arm(arm: Arm, seed: int, base, original, rec: RecoveryArguments, args: S
 def run_study(rec: RecoveryArguments, args: SDFTConfig, model_args, study: StudyArguments) -> dict:
     """The whole study; returns the result written to ``study_dir/study.json`` (see
     :func:`hf_sdft.jobs.study_report.analyse`)."""
+    # lazy: the report's plots import matplotlib, needed only once the study's runs are done
     from hf_sdft.jobs.study_report import analyse, write_report
 
     check_launch(args)

@@ -9,8 +9,10 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 from trl import SFTConfig
 
+from hf_sdft.compress.fake_quant import SCALES_LR_RATIO
 from hf_sdft.modeling import parse_layers
-from hf_sdft.trainer.losses import KERNELS, LOSS_TYPES
+from hf_sdft.trainer.fused import KERNELS
+from hf_sdft.trainer.losses import LOSS_TYPES
 
 logger = logging.get_logger(__name__)
 
@@ -111,7 +113,7 @@ class SDFTArguments:
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA rate per optimizer step (ema teacher)."})
     quant_scales_lr_ratio: float = field(
-        default=0.1,
+        default=SCALES_LR_RATIO,
         metadata={"help": "Learning rate of learned quantization scales and shifts (quant_learn_scales) relative to "
                   "learning_rate, without weight decay: Adam moves a parameter by about the learning rate per step, "
                   "large for a scale of 1e-2."},
@@ -173,11 +175,13 @@ class SDFTArguments:
                 "SDFT computes its own loss: loss_type must be 'nll' and label_smoothing_factor 0 "
                 f"(got {getattr(self, 'loss_type', 'nll')!r}, {getattr(self, 'label_smoothing_factor', 0.0)})"
             )
-        self._check_generation()
+        self._check_fields()
         self.cka_layers = parse_layers(self.cka_layers)
         super().__post_init__()
 
-    def _check_generation(self):
+    def _check_fields(self):
+        """The ranges and choices of the on-policy, generation, vLLM, teacher (kind, EMA rate) and
+        learned-scale (``quant_scales_lr_ratio``) fields."""
         if not 0.0 <= self.on_policy_ratio <= 1.0:
             raise ValueError(f"on_policy_ratio={self.on_policy_ratio} must be in [0, 1] (0 = off-policy, 1 = every batch)")
         for name in ("prompt_length", "max_new_tokens"):

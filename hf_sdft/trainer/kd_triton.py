@@ -122,12 +122,12 @@ if triton is not None:
 
 
 def kd_ce_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-                kd_weight: torch.Tensor, mix: torch.Tensor, *, reverse: bool, temperature: float):
+                kd_row_weight: torch.Tensor, mix: torch.Tensor, *, reverse: bool, temperature: float):
     """Per-row divergence ``(rows,)`` and CE negative log-likelihood ``(rows,)`` (None without
     labels), float32; ``student_logits`` ``(rows, V)`` is overwritten with the gradient of
-    ``mix[0]·Σ kd_weight·KD + mix[1]·Σ CE`` with respect to it.
+    ``mix[0]·Σ kd_row_weight·KD + mix[1]·Σ CE`` with respect to it.
 
-    ``kd_weight``: per-row float weights of the KD term; ``mix``: a float32 tensor of 2 on the
+    ``kd_row_weight``: per-row float weights of the KD term; ``mix``: a float32 tensor of 2 on the
     device (no host sync); ``labels``: −100 where not supervised. KD is at ``temperature``, CE at 1.
     """
     rows, vocab = student_logits.shape
@@ -137,7 +137,7 @@ def kd_ce_chunk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     nll = torch.zeros_like(div) if labels is not None else div
     block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
     _kd_ce_rows[(rows,)](
-        student_logits, teacher_logits, labels if labels is not None else div, kd_weight, mix, div, nll,
+        student_logits, teacher_logits, labels if labels is not None else div, kd_row_weight, mix, div, nll,
         vocab, student_logits.stride(0), teacher_logits.stride(0), 1.0 / temperature,
         REVERSE=reverse, HAS_LABELS=labels is not None, UNIT_T=temperature == 1.0,
         CE_LSE=labels is not None and temperature != 1.0, BLOCK=block,

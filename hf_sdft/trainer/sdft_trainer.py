@@ -21,21 +21,32 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 from trl import SFTTrainer
 
+from hf_sdft.cka.callback import CKACallback
 from hf_sdft.cka.metric import linear_cka
+from hf_sdft.compress.fake_quant import scale_group, split_scale_parameters
 from hf_sdft.data import pad
 from hf_sdft.distributed import check_fsdp_launch
-from hf_sdft.modeling import capture_layers, head_input, is_peft, plain_head, resolve_layers, unwrap
+from hf_sdft.modeling import (
+    capture_layers,
+    from_pretrained,
+    head_input,
+    is_peft,
+    plain_head,
+    resolve_layers,
+    teacher_context,
+    unwrap,
+)
+from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
 from hf_sdft.trainer.losses import (
     cached_label_logprobs,
     distillation_loss,
-    fused_linear_kd_ce_loss,
     label_logprobs,
     mean_label_probability,
     token_cross_entropy,
     topk_distillation_loss,
 )
 from hf_sdft.trainer.on_policy import TEACHER_PROMPT, OnPolicySampler
-from hf_sdft.trainer.teacher import check_teacher, freeze, load_teacher, shard_teacher_fsdp2, teacher_context
+from hf_sdft.trainer.teacher import check_teacher, freeze_teacher, shard_teacher_fsdp2
 from hf_sdft.trainer.teacher_cache import CACHE_COLUMNS, cache_metadata, check_cache
 
 logger = logging.get_logger(__name__)
@@ -120,20 +131,17 @@ class SDFTMixin:
         (:meth:`~hf_sdft.compress.fake_quant.FakeQuantLinear.hold_scales`) in a group of their own:
         learning rate × ``quant_scales_lr_ratio``, no weight decay (the scheduler scales it alike).
         An optimizer passed to the Trainer is left as it is."""
-        from hf_sdft.compress.fake_quant import is_scale_parameter  # here: importing compress loads quanto
-
         given = self.optimizer is not None
         optimizer = super().create_optimizer(model)
-        ratio = getattr(self.args, "quant_scales_lr_ratio", 1.0)
-        scales = {id(p) for n, p in (model or self.model).named_parameters()
-                  if p.requires_grad and is_scale_parameter(n)}
+        _, scales = split_scale_parameters((model or self.model).named_parameters())
+        scales = {id(p) for p in scales}
         if given or not scales or not hasattr(optimizer, "param_groups"):
             return optimizer
         moved = []
         for group in optimizer.param_groups:
             moved += [p for p in group["params"] if id(p) in scales]
             group["params"] = [p for p in group["params"] if id(p) not in scales]
-        optimizer.add_param_group({"params": moved, "lr": self.args.learning_rate * ratio, "weight_decay": 0.0})
+        optimizer.add_param_group(scale_group(moved, self.args.learning_rate, self.args.quant_scales_lr_ratio))
         return optimizer
 
     def __init__(self, model=None, args=None, *pos, teacher_model: nn.Module | str | None = None, **kwargs):
@@ -164,8 +172,6 @@ class SDFTMixin:
         self.loss_is_scaled_for_ga = True
         self._loss_shifts_labels = True
         self._sdft_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        from hf_sdft.cka.callback import CKACallback  # here: hf_sdft.cka imports the trainer package
-
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CKACallback):  # it measures against this trainer's teacher
                 cb.bind(self)
@@ -187,7 +193,7 @@ class SDFTMixin:
             teacher = copy.deepcopy(unwrap(self.model))
             self.add_callback(EMATeacherCallback(self))
         elif isinstance(teacher, str):
-            teacher = load_teacher(teacher, use_kernels=self.args.use_kernels)
+            teacher = from_pretrained(teacher, dtype="auto", use_kernels=self.args.use_kernels)
         if teacher is None and self.teacher_cache is None and not is_peft(self.model):
             raise ValueError(
                 "no teacher: pass teacher_model= (the original model or its path), set "
@@ -227,6 +233,7 @@ class SDFTMixin:
             return None
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+        # lazy: vllm_sampling imports optimum-quanto (hf_sdft.compress.quantize), needed only with use_vllm
         from hf_sdft.trainer.vllm_sampling import check_vllm_available, vllm_generation
 
         if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
@@ -245,14 +252,14 @@ class SDFTMixin:
         if self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
-            return freeze(prepare_deepspeed(teacher, self.accelerator))
+            return freeze_teacher(prepare_deepspeed(teacher, self.accelerator))
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2:
-            return freeze(shard_teacher_fsdp2(freeze(teacher), self.accelerator))
+            return freeze_teacher(shard_teacher_fsdp2(freeze_teacher(teacher), self.accelerator))
         if self.is_fsdp_enabled:  # FSDP1
             from trl.models.utils import prepare_fsdp
 
-            return freeze(prepare_fsdp(teacher, self.accelerator))
-        return freeze(teacher.to(self.args.teacher_device or self.accelerator.device))
+            return freeze_teacher(prepare_fsdp(teacher, self.accelerator))
+        return freeze_teacher(teacher.to(self.args.teacher_device or self.accelerator.device))
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -287,7 +294,7 @@ class SDFTMixin:
         hidden = {i: h.to(student_device) for i, h in hidden.items()}
         return (outputs.logits.to(student_device) if head is None else head_in["hidden"]), hidden
 
-    def kd_weight(self) -> float:
+    def divergence_beta(self) -> float:
         """The ``beta`` of the KD loss: ``kd_beta`` (JSD), or CAKLD's γ (``cakld_gamma``, else
         estimated by :meth:`estimate_cakld_gamma` the first time it is needed)."""
         if self.args.kd_loss != "cakld":
@@ -378,7 +385,9 @@ class SDFTMixin:
         # accelerate autocasts the model's forward only: without this the fused heads would multiply
         # float32 master weights in float32 (on a GPU, several times slower than bf16 tensor cores)
         with torch.set_grad_enabled(output_grad), self.accelerator.autocast():
-            mixed, kd_sum, ce_sum = getattr(self, f"_{kind}_output_loss")(student_out, teacher_out, batch, output_grad)
+            output_loss = {"fused": self._fused_output_loss, "logits": self._logits_output_loss,
+                           "cache": self._cache_output_loss}[kind]
+            mixed, kd_sum, ce_sum = output_loss(student_out, teacher_out, batch, output_grad)
         loss = self._token_loss(mixed, batch, num_items_in_batch, model.training)
         metrics = {"ce_loss": ce_sum.detach() / batch.n_local, "kd_loss": kd_sum.detach() / batch.n_local}
         if self.cka_loss_layers:
@@ -392,7 +401,7 @@ class SDFTMixin:
 
     def _kd_kwargs(self) -> dict:
         args = self.args
-        return dict(loss_type=args.kd_loss, beta=self.kd_weight(), temperature=args.kd_temperature,
+        return dict(loss_type=args.kd_loss, beta=self.divergence_beta(), temperature=args.kd_temperature,
                     num_items_in_batch=1, chunk_size=args.kd_chunk_size)
 
     def _fused_output_loss(self, student_hidden, teacher_hidden, batch: _Batch, output_grad: bool):

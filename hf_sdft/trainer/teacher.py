@@ -1,16 +1,12 @@
 """The frozen teacher: loading, validation against the student, placement (sharded under FSDP2)
-and the context its forward passes run in (model introspection shared with students:
-:mod:`hf_sdft.modeling`)."""
+(the context its forward passes run in, shared with CKA, is
+:func:`hf_sdft.modeling.teacher_context`)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-import torch
 from torch import nn
 
-from hf_sdft.modeling import check_vocabularies, evaluating, from_pretrained, is_peft, output_vocab_size, unwrap
+from hf_sdft.modeling import check_vocabularies, output_vocab_size, unwrap
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -31,11 +27,8 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     check_vocabularies(output_vocab_size(student), output_vocab_size(teacher))
 
 
-def load_teacher(name_or_path: str, dtype: str | torch.dtype = "auto", use_kernels: bool = False) -> nn.Module:
-    return from_pretrained(name_or_path, dtype=dtype, use_kernels=use_kernels)
-
-
-def freeze(model: nn.Module) -> nn.Module:
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """The teacher in eval mode with no parameter requiring a gradient (it is never trained)."""
     model.eval()
     model.requires_grad_(False)
     return model
@@ -66,22 +59,3 @@ def shard_teacher_fsdp2(teacher: nn.Module, accelerator) -> nn.Module:
         fully_shard(layer, **kwargs)
     fully_shard(teacher, **kwargs)
     return teacher
-
-
-@contextlib.contextmanager
-def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[nn.Module]:
-    """Yield the module that computes the teacher's outputs, under ``torch.no_grad()``.
-
-    ``teacher=None`` means "the PEFT student's base model with its adapters disabled".
-    """
-    with torch.no_grad():
-        if teacher is not None:
-            yield teacher
-            return
-        peft_model = unwrap(student)
-        if not is_peft(peft_model):
-            raise ValueError("teacher_model=None needs a PEFT student (its base model is the teacher)")
-        with evaluating(peft_model), peft_model.disable_adapter():  # no dropout in the teacher's targets
-            yield peft_model
-
-

@@ -17,6 +17,7 @@ from datasets import Dataset, Features, Sequence, Value, concatenate_datasets, l
 from tqdm.auto import tqdm
 
 from hf_sdft.data import pad
+from hf_sdft.modeling import check_vocabularies, output_vocab_size
 
 
 @dataclass
@@ -105,8 +106,6 @@ def cache_teacher(teacher, dataset: Dataset, output_dir: str | Path, *, top_k: i
 
 def check_cache(meta: dict, args, student) -> None:
     """Raise when cached teacher outputs cannot train this student with these settings."""
-    from hf_sdft.modeling import check_vocabularies, output_vocab_size
-
     if args.cka_weight > 0:
         raise ValueError("cka_weight > 0 needs the teacher's hidden states, which a teacher cache does not hold: "
                          "set cka_weight 0 or train with the online teacher")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.compress.prune import masks_from_zeros, prune, sparsity_report
 from hf_sdft.compress.quantize import load_quantized, quantize_student, save_quantized
-from hf_sdft.compress.student import load_model
-from hf_sdft.data import load_recovery_data
 from hf_sdft.jobs.evaluation import perplexity
+from hf_sdft.jobs.recovery_data import load_recovery_data
 from tests.helpers import make_model, make_tokenizer, perturb, write_tiny_inputs
 from tests.jobs.test_recover import recover
 

@@ -9,7 +9,7 @@ from optimum.quanto import QModuleMixin
 
 from hf_sdft.compress import get_degradation
 from hf_sdft.compress.fake_quant import FakeQuantLinear
-from hf_sdft.compress.quantize import freeze_base, load_quantized, quantize_student, save_quantized
+from hf_sdft.compress.quantize import load_quantized, quantize_student, save_quantized, to_quanto
 from tests.helpers import make_model, make_texts, make_tokenizer
 
 
@@ -81,7 +81,7 @@ def test_quantized_activations_with_calibration(tmp_path, activations):
 def test_lora_on_frozen_quantized_base():
     from peft import LoraConfig, get_peft_model
 
-    s = freeze_base(quantize_student(make_model(), weights="int4"))
+    s = to_quanto(quantize_student(make_model(), weights="int4"))
     peft_model = get_peft_model(s, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     b = batch()
     loss = peft_model(**b, labels=b["input_ids"]).loss
@@ -94,8 +94,8 @@ def test_lora_on_frozen_quantized_base():
 def test_quantized_teacher_is_not_mistaken_for_shared_weights():
     from hf_sdft.trainer.teacher import check_teacher
 
-    teacher = freeze_base(quantize_student(make_model(), weights="int4"))  # frozen weights: data_ptr() == 0
-    student = freeze_base(quantize_student(make_model(), weights="int4"))
+    teacher = to_quanto(quantize_student(make_model(), weights="int4"))  # frozen weights: data_ptr() == 0
+    student = to_quanto(quantize_student(make_model(), weights="int4"))
     check_teacher(student, teacher)  # no false "shares weight tensors"
     with pytest.raises(ValueError, match="shares weight tensors"):
         student.model.norm.weight = teacher.model.norm.weight

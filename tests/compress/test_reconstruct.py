@@ -37,9 +37,10 @@ def test_each_block_gets_closer_and_perplexity_improves_on_the_embedded_model():
     """int2 per-row student of the embedded (trained) 1.1M model: every block's error to the
     teacher's output falls, and the held-out perplexity and KL to the teacher fall too
     (measured: 71.7 → 49.3 ppl, teacher 26.9, in 20 steps a block)."""
-    from hf_sdft.data import default_model_path, load_recovery_data
+    from hf_sdft.data import default_model_path
     from hf_sdft.jobs.config import RecoveryArguments
     from hf_sdft.jobs.evaluation import held_out_sums
+    from hf_sdft.jobs.recovery_data import load_recovery_data
     from hf_sdft.modeling import from_pretrained
 
     path = default_model_path()

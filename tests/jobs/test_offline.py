@@ -16,9 +16,9 @@ from datasets import Dataset
 
 from hf_sdft import SDFTConfig, SDFTSFTConfig, SDFTSFTTrainer, SDFTTrainer
 from hf_sdft.cli import _recipe_parser
-from hf_sdft.compress.student import load_model
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.jobs.recover import load, make_student
-from hf_sdft.trainer.teacher import load_teacher
+from hf_sdft.modeling import from_pretrained
 from tests.helpers import cpu_args, make_model, make_texts, make_tokenizer, write_tiny_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_job_loads_models_with_hub_kernels_off_unless_asked(tiny, student, flags
 
 @pytest.mark.parametrize("use_kernels", [False, True])
 def test_loaders_pass_use_kernels(tiny, use_kernels):
-    assert kernelized(load_teacher(str(tiny / "model"), use_kernels=use_kernels)) is use_kernels
+    assert kernelized(from_pretrained(str(tiny / "model"), dtype="auto", use_kernels=use_kernels)) is use_kernels
     assert kernelized(load_model(str(tiny / "model"), use_kernels)) is use_kernels
     assert kernelized(load_model(str(tiny / "adapters"), use_kernels)) is use_kernels
     assert not kernelized(load_model(str(tiny / "adapters")))  # the default

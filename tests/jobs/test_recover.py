@@ -58,8 +58,8 @@ def test_quanto_recovery_saves_an_identical_quantized_student(tiny, tmp_path):
     assert [h["step"] for h in saved["cka_history"]] == [0, 4, 8]
     assert saved["format"] == "quanto" and saved["degradation"]["weights"] == "int2"
     model = load_by_card_code(saved, tmp_path)
-    from hf_sdft.data import load_recovery_data
     from hf_sdft.jobs.evaluation import perplexity
+    from hf_sdft.jobs.recovery_data import load_recovery_data
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
     data = load_recovery_data(rec, make_tokenizer(), default_model=False)
@@ -77,8 +77,8 @@ def test_quanto_recovery_with_clip_search_and_learned_scales(tiny, tmp_path):
     assert saved["recovery"]["quant_scales_lr_ratio"] == 0.1
     card = (tmp_path / "README.md").read_text()
     assert "clipping search" in card and "scales and shifts learned in QAT" in card
-    from hf_sdft.data import load_recovery_data
     from hf_sdft.jobs.evaluation import perplexity
+    from hf_sdft.jobs.recovery_data import load_recovery_data
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
     data = load_recovery_data(rec, make_tokenizer(), default_model=False)
@@ -101,7 +101,7 @@ def test_pruned_recovery_keeps_exact_sparsity(tiny, tmp_path, pattern):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_recovery_keeps_the_masks_it_made(tiny, tmp_path, pattern):
     from hf_sdft.compress.prune import prune
-    from hf_sdft.data import load_recovery_data
+    from hf_sdft.jobs.recovery_data import load_recovery_data
 
     stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--prune_pattern", pattern,
                        "--prune_method", "sparsegpt", "--learning_rate", "1e-2")
@@ -145,9 +145,9 @@ def test_quanto_lora_student_keeps_adapters_on_a_quantized_base(tiny, tmp_path):
     assert stats["format"] == "quanto+lora"
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "quantized_base" / "quanto_qmap.json").exists()
     model = load_by_card_code(stats, tmp_path)
-    from hf_sdft.compress.student import load_model
-    from hf_sdft.data import load_recovery_data
+    from hf_sdft.compress.checkpoint import load_model
     from hf_sdft.jobs.evaluation import perplexity
+    from hf_sdft.jobs.recovery_data import load_recovery_data
 
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
     data = load_recovery_data(rec, make_tokenizer(), default_model=False)

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from hf_sdft.trainer import kd_triton
-from hf_sdft.trainer.losses import fused_linear_kd_ce_loss
+from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
 
 device = torch.device(sys.argv[1])
 assert kd_triton.available(device), f"the kernel cannot run on {device} (no triton, or no TRITON_INTERPRET=1 on CPU)"

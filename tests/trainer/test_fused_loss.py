@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sdft import SDFTConfig
-from hf_sdft.trainer.losses import fused_linear_distillation_loss, fused_linear_kd_ce_loss
+from hf_sdft.trainer.fused import fused_linear_distillation_loss, fused_linear_kd_ce_loss
 from tests.helpers import cpu_args, make_model, make_texts, perturb
 from tests.trainer.test_trainer import logged, sdft_trainer
 
@@ -455,7 +455,7 @@ def test_cakld_falls_back_to_the_pytorch_chunk_where_the_kernel_would_run(monkey
     """The Triton kernel covers forward / reverse KL: CAKLD with 0 < γ < 1 takes the PyTorch chunk
     (refused with kernel='triton'); γ = 0 and 1, which are those KLs exactly, may use the kernel."""
     from hf_sdft.trainer import kd_triton
-    from hf_sdft.trainer.losses import _use_kernel
+    from hf_sdft.trainer.fused import _use_kernel
 
     monkeypatch.setattr(kd_triton, "available", lambda device: True)
     cuda, mix = torch.device("cuda"), (1.0, 0.0)

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.import_utils import is_vllm_available
 
 from hf_sdft import SDFTConfig, SDFTTrainer
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.compress.prune import prune
-from hf_sdft.compress.quantize import freeze_base, quantize_student, save_quantized, thaw_quantized
-from hf_sdft.compress.student import load_model
+from hf_sdft.compress.quantize import quantize_student, save_quantized, thaw_quantized, to_quanto
 from hf_sdft.data import default_model_path, pad
 from hf_sdft.trainer.vllm_sampling import computed_weights, own_checkpoint, write_plain_checkpoint
 from tests.helpers import cpu_args, make_model, make_texts, perturb
@@ -46,7 +46,7 @@ def student_for(kind, name):
     if kind == "int4":
         return quantize_student(model, "int4")
     if kind == "frozen-int4+lora":
-        return lora(freeze_base(quantize_student(model, "int4")))
+        return lora(to_quanto(quantize_student(model, "int4")))
     if kind == "2:4+lora":
         prune(model, pattern="2:4")
         return lora(model)

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from hf_sdft.cka.callback import tokenize_probe
 from hf_sdft.cka.measure import measure_cka, per_layer
-from hf_sdft.compress.student import load_model
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.metrics import text_metric_info
 
 

@@ -8,7 +8,7 @@ are detected and loaded with ``load_quantized``.
 import evaluate
 from transformers import AutoTokenizer
 
-from hf_sdft.compress.student import load_model
+from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.data import as_batches, pack_blocks
 from hf_sdft.jobs.evaluation import perplexity
 from hf_sdft.metrics import text_metric_info
