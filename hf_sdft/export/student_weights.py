@@ -167,10 +167,10 @@ def read_quanto_folder(folder: Path, config) -> StudentWeights:
         shifts = {m: f.get_tensor(f"{m}.weight._shift") if f"{m}.weight._shift" in keys else None for m in qmap}
     entries = []
     for key in keys:
-        module, _, leaf = key.partition(".weight.") if ".weight." in key else (key.rpartition(".")[0], None, None)
-        if module in qmap:
+        module, _, leaf = key.partition(".weight.")
+        if leaf and module in qmap:
             if leaf != "_scale":
-                continue  # the layer's one entry is made at its scale; _data / _shift / input_scale are read there
+                continue  # the layer's one entry is made at its scale; _data and _shift are read there
             bits, shape = QUANTO_BITS[qmap[module]["weights"]], shapes[f"{module}.weight"]
             group = groups.get(module) or shape[1]
             scale, shift = scales[module].reshape(shape[0], -1), shifts[module]
@@ -187,7 +187,7 @@ def read_quanto_folder(folder: Path, config) -> StudentWeights:
             entries.append(Entry(f"{module}.weight", shape, dtype, grid, load))
         elif key in shapes:
             entries.append(Entry(key, shapes[key], dtype, None, _lazy(path, key)))
-        elif not key.endswith((".input_scale", ".output_scale")):
+        elif not (key.endswith((".input_scale", ".output_scale")) and key.rpartition(".")[0] in qmap):
             raise ValueError(f"{path}: tensor {key} is not a parameter of {type(config).__name__}'s model")
     return StudentWeights(config, folder, "quanto", entries)
 

@@ -6,7 +6,9 @@ unsigned values ``q + 2^(bits-1)``, ``32 / bits`` to a word, least-significant b
 ``[out, in]``. The value is ``scale * q``: only symmetric grids have this form exactly (the format's
 zero points are integers, quanto's shifts are not). ``config.json`` gets a ``quantization_config``
 with one config group per distinct (bits, group size), the layers left in float in ``ignore``, and
-``"sparsity_config": {}`` (vLLM rejects non-empty sparsity configs).
+``"sparsity_config": {}`` (vLLM rejects non-empty sparsity configs). A float student (pruned, or
+recovered from forgetting) is written as dense weights under ``"format": "dense"`` with no config
+group: its zeros are kept as zeros.
 
 Written without the compressed-tensors library; tests/export checks tensors and config against the
 library's own ``ModelCompressor``.
@@ -37,9 +39,10 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def weights_args(bits: int, group_size: int, in_features: int) -> dict:
-    """The ``weights`` entry of a config group: compressed-tensors' ``QuantizationArgs`` fields."""
-    channel = group_size == in_features
+def weights_args(bits: int, group_size: int | None) -> dict:
+    """The ``weights`` entry of a config group: compressed-tensors' ``QuantizationArgs`` fields
+    (``group_size`` None: one scale per output channel)."""
+    channel = group_size is None
     return {"actorder": None, "block_structure": None, "dynamic": False,
             "group_size": None if channel else group_size, "num_bits": bits, "observer": "minmax",
             "observer_kwargs": {}, "scale_dtype": None, "strategy": "channel" if channel else "group",
@@ -48,23 +51,25 @@ def weights_args(bits: int, group_size: int, in_features: int) -> dict:
 
 def quantization_config(weights: StudentWeights) -> dict:
     """``config.json``'s ``quantization_config`` for the student's grids."""
+    grids = weights.grids()
+    per_row = all(e.grid.group_size == e.shape[1] for e in grids)  # else a row-wide group is one group
     groups: dict[tuple, list[str]] = {}
-    for entry in weights.grids():
-        key = (entry.grid.bits, entry.grid.group_size if entry.grid.group_size != entry.shape[1] else "channel")
+    for entry in grids:
+        key = (entry.grid.bits, "channel" if per_row else entry.grid.group_size)
         groups.setdefault(key, []).append(entry.name.removesuffix(".weight"))
     linear = {e.name.removesuffix(".weight") for e in weights.entries if len(e.shape) == 2 and e.grid is None
               and not e.name.endswith("embed_tokens.weight")}
     several = len(groups) > 1
     config_groups = {}
     for i, ((bits, size), modules) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        in_features = next(e.shape[1] for e in weights.grids() if e.name.removesuffix(".weight") == modules[0])
         config_groups[f"group_{i}"] = {
             "format": FORMAT, "input_activations": None, "output_activations": None,
             "targets": [f"re:^{m.replace('.', '[.]')}$" for m in modules] if several else ["Linear"],
-            "weights": weights_args(bits, in_features if size == "channel" else size, in_features),
+            "weights": weights_args(bits, None if size == "channel" else size),
         }
-    return {"config_groups": config_groups, "format": FORMAT, "global_compression_ratio": None,
-            "ignore": sorted(linear), "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+    return {"config_groups": config_groups, "format": FORMAT if config_groups else "dense",
+            "global_compression_ratio": None,
+            "ignore": sorted(linear) if config_groups else [], "kv_cache_scheme": None, "quant_method": "compressed-tensors",
             "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
             "version": COMPRESSED_TENSORS_VERSION}
 
@@ -106,6 +111,6 @@ def write(weights: StudentWeights, output_dir: Path) -> list[Path]:
     entries = [e for e in weights.entries if e.name in names]
     planned = [p for e in entries for p in _planned(e)]
     write_safetensors(output_dir / "model.safetensors", planned, (t for e in entries for t in _tensors(e)))
-    write_config(weights.config, output_dir, quantization_config(weights) if weights.grids() else None)
+    write_config(weights.config, output_dir, quantization_config(weights))
     copy_tokenizer(weights.folder, output_dir)
     return [output_dir / "model.safetensors", output_dir / "config.json"]
