@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_sdft.compress.fp4_student import is_fp4_folder, is_fp4_model, load_fp4, save_fp4
 from hf_sdft.compress.prune import SparsityCallback, merge_lora, prunable_layers, sparsity_report
 from hf_sdft.compress.quantize import (
     QMAP_FILE,
@@ -93,6 +94,8 @@ def load_model(name_or_path: str, use_kernels: bool = False) -> nn.Module:
         return PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     if (folder / QMAP_FILE).exists():
         return load_quantized(folder)
+    if is_fp4_folder(folder):  # an FP4 student (compressed-tensors nvfp4 / mxfp4), as FP4 layers
+        return load_fp4(folder)
     return from_pretrained(folder, dtype=torch.float32, use_kernels=use_kernels)
 
 
@@ -215,6 +218,8 @@ def save_student(student: Student, tokenizer, output_dir: str) -> tuple[str, str
             shutil.copytree(student.base_folder, out / QUANTIZED_BASE, dirs_exist_ok=True)
         fmt = "quanto+lora" if student.base_folder is not None else "peft"
         code = "from hf_sdft.compress.student import load_model\n\nmodel = load_model(\"{path}\")"
+    elif student.quantized and is_fp4_model(student.model):  # FP4: saved in its servable format
+        fmt, code = save_fp4(student.model, out)
     elif student.quantized:
         save_quantized(student.model, out)
         fmt, code = "quanto", 'from hf_sdft.compress.quantize import load_quantized\n\nmodel = load_quantized("{path}")'
