@@ -182,3 +182,28 @@ def test_minmax_global_scale_is_refused_for_compressed_tensors(tmp_path):
     quantize_fp4_student(model, "nvfp4", global_scale="minmax")
     with pytest.raises(ValueError, match="bfloat16"):
         save_fp4(model, tmp_path / "s")
+
+
+def test_recover_job_nvfp4_cka_recipe_saves_servable_student(tmp_path):
+    """``hf-sdft recover --config recipes/nvfp4-cka.yaml`` on the embedded model: the student is saved as
+    nvfp4-pack-quantized, loads back as FP4 layers (load_model) on the NVFP4 grid, and exports exactly."""
+    from hf_sdft.cli import _recipe_parser
+    from hf_sdft.compress.student import load_model
+    from hf_sdft.jobs.recover import run_recovery
+
+    recipe = Path(__file__).parents[2] / "recipes" / "nvfp4-cka.yaml"
+    argv = ["--config", str(recipe), "--max_steps", "2", "--per_device_train_batch_size", "2", "--block_size", "64",
+            "--bf16", "false", "--gradient_checkpointing", "false", "--learning_rate", "1e-3", "--max_eval_blocks",
+            "4", "--probe_blocks", "4", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none",
+            "--use_cpu", "true", "--output_dir", str(tmp_path / "run")]
+    rec, args, model_args = _recipe_parser().parse_args_and_config(argv)
+    assert args.cka_weight > 0 and rec.quant_weights == "nvfp4"
+    stats = run_recovery(rec, args, model_args)
+    assert stats["format"] == "nvfp4-pack-quantized" and stats["degradation"]["kind"] == "fp4"
+    back = load_model(str(tmp_path / "run"))
+    layers = fp4_layers(back)
+    assert layers and all(m.fmt == "nvfp4" for m in layers.values())
+    for layer in layers.values():
+        assert max(len(torch.unique(r)) for r in layer.quantized_weight().abs().reshape(-1, 16)) <= 8
+    report = export_student(tmp_path / "run", "compressed-tensors", tmp_path / "ct")
+    assert report.exact
