@@ -44,6 +44,7 @@ class _Registry(Mapping):
 DEGRADATIONS = _Registry({
     "quanto": "hf_sdft.compress.quantize:QuantoDegradation",
     "prune": "hf_sdft.compress.prune:PruneDegradation",
+    "fp4": "hf_sdft.compress.fp4_student:FP4Degradation",
 })
 
 

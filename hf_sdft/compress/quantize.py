@@ -355,8 +355,8 @@ def computed_weight(module: nn.Module) -> torch.Tensor | None:
     """The float weight a quantized layer computes with (its quantized weight, dequantized), or
     ``None`` for a layer that is not quantized. Raises for quantized activations, which no float
     weight reproduces."""
-    if isinstance(module, FakeQuantLinear):
-        return module.quantized_weight()
+    if isinstance(module, FakeQuantLinear) or hasattr(module, "fmt") and hasattr(module, "quantized_weight"):
+        return module.quantized_weight()  # an integer grid or FP4FakeQuantLinear
     if not isinstance(module, QModuleMixin) or module.weight_qtype is None:
         return None
     if module.activation_qtype is not None:
@@ -371,7 +371,9 @@ def quantization_summary(model: nn.Module) -> dict:
     (``{}`` when it has none)."""
     modules = quantized_modules(model)
     if not modules:
-        return {}
+        from hf_sdft.compress.fp4_student import fp4_summary  # lazy: fp4_student imports this module
+
+        return fp4_summary(model)  # {} without FP4 layers either
     names = {qtype.name: key for key, qtype in {**WEIGHT_TYPES, **ACTIVATION_TYPES}.items()}
     weights, acts = set(), set()
     for m in modules.values():

@@ -132,6 +132,9 @@ def export_weights(weights: StudentWeights, fmt: str, output_dir: str | Path, al
     why = module.refusal(weights)
     if why is not None and fmt == "gguf" and why.startswith("GGUF export knows"):
         raise ValueError(why)
+    if why is not None and any(to_gguf.fp4_weights.is_fp4(e) for e in weights.grids()):  # FP4: never re-rounded
+        raise ValueError(f"no exact {fmt} form for this student: {why}. Exact formats for it: "
+                         f"{', '.join(exact_formats(weights))}")
     meter = None
     if why is not None:
         if not allow_rounding:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-                      torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16"}
+                      torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
+                      torch.float8_e4m3fn: "F8_E4M3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of 8 bytes

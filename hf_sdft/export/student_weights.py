@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hf_sdft.compress.fake_quant import FakeQuantLinear, code_offset, on_fp16_grid, stored_symmetric
+from hf_sdft.compress.fp4 import FP4FakeQuantLinear
 
 QMAP_FILE, GROUPS_FILE = "quanto_qmap.json", "quanto_group_sizes.json"  # what save_quantized writes
 QUANTO_BITS = {"qint8": 8, "qint4": 4, "qint2": 2}
@@ -208,12 +209,19 @@ def read_dense_folder(folder: Path, config) -> StudentWeights:
 def read_model(model: nn.Module, folder: Path | None = None, source_format: str = "model") -> StudentWeights:
     """A model in memory (e.g. a merged PEFT student): float tensors, and a grid for every
     :class:`~hf_sdft.compress.fake_quant.FakeQuantLinear`."""
-    grids = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    from hf_sdft.export.fp4_weights import entry_from_layer  # lazy: fp4_weights imports this module
+
+    grids = {f"{name}.weight": m for name, m in model.named_modules()
+             if isinstance(m, (FakeQuantLinear, FP4FakeQuantLinear))}
     entries = []
     for name, tensor in model.state_dict().items():
-        if name.endswith((".weight_scale", ".weight_shift")) and name.rsplit(".", 1)[0] + ".weight" in grids:
+        if name.endswith((".weight_scale", ".weight_shift", ".weight_global_scale")) and \
+                name.rsplit(".", 1)[0] + ".weight" in grids:
             continue
         layer = grids.get(name)
+        if isinstance(layer, FP4FakeQuantLinear):
+            entries.append(entry_from_layer(name, layer, tensor.dtype))
+            continue
         if layer is None:
             entries.append(Entry(name, tuple(tensor.shape), tensor.dtype, None, lambda t=tensor: t.detach().cpu()))
             continue
@@ -252,4 +260,10 @@ def read_student(folder: str | Path) -> StudentWeights:
     config = AutoConfig.from_pretrained(folder)
     if (folder / QMAP_FILE).exists():
         return read_quanto_folder(folder, config)
+    qconfig = getattr(config, "quantization_config", None) or {}
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if qconfig.get("format") in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # an FP4 student (save_fp4)
+        from hf_sdft.export.fp4_weights import read_ct_fp4_folder  # lazy: fp4_weights imports this module
+
+        return StudentWeights(config, folder, qconfig["format"], read_ct_fp4_folder(folder, config, qconfig))
     return read_dense_folder(folder, config)

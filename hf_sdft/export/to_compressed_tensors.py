@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from hf_sdft.export import fp4_weights
 from hf_sdft.export.output_folder import copy_tokenizer, kept, write_config, write_safetensors
 from hf_sdft.export.student_weights import Entry, GridWeight, StudentWeights
 
@@ -76,6 +77,8 @@ def quantization_config(weights: StudentWeights) -> dict:
 
 def refusal(weights: StudentWeights) -> str | None:
     """Why the student has no exact compressed-tensors form (None when it has one)."""
+    if any(fp4_weights.is_fp4(e) for e in weights.grids()):  # NVFP4 / MXFP4 (see fp4_weights)
+        return fp4_weights.ct_refusal(weights)
     for entry in weights.grids():
         if not entry.grid.symmetric:
             return (f"{entry.name} is on an asymmetric grid ({entry.grid.describe(entry.shape[1])}); "
@@ -88,6 +91,8 @@ def refusal(weights: StudentWeights) -> str | None:
 def _planned(entry: Entry) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     if entry.grid is None:
         return [(entry.name, entry.dtype, entry.shape)]
+    if fp4_weights.is_fp4(entry):
+        return fp4_weights.ct_planned(entry.name, entry.shape, entry.grid.fmt)
     module, (out, inp), bits = entry.name.removesuffix(".weight"), entry.shape, entry.grid.bits
     return [(f"{module}.weight_packed", torch.int32, (out, -(-inp * bits // 32))),
             (f"{module}.weight_scale", entry.dtype, (out, inp // entry.grid.group_size)),
@@ -96,6 +101,9 @@ def _planned(entry: Entry) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
 
 def _tensors(entry: Entry):
     value = entry.load()
+    if isinstance(value, fp4_weights.FP4Weight):
+        yield from fp4_weights.ct_tensors(entry.name, value)
+        return
     if not isinstance(value, GridWeight):
         yield entry.name, value
         return
@@ -111,6 +119,8 @@ def write(weights: StudentWeights, output_dir: Path) -> list[Path]:
     entries = [e for e in weights.entries if e.name in names]
     planned = [p for e in entries for p in _planned(e)]
     write_safetensors(output_dir / "model.safetensors", planned, (t for e in entries for t in _tensors(e)))
-    write_config(weights.config, output_dir, quantization_config(weights))
+    fp4 = any(fp4_weights.is_fp4(e) for e in weights.grids())
+    qconfig = fp4_weights.ct_quantization_config(weights, COMPRESSED_TENSORS_VERSION) if fp4 else quantization_config(weights)
+    write_config(weights.config, output_dir, qconfig)
     copy_tokenizer(weights.folder, output_dir)
     return [output_dir / "model.safetensors", output_dir / "config.json"]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_sdft.export import fp4_weights
 from hf_sdft.export.output_folder import copy_tokenizer, kept
 from hf_sdft.export.student_weights import Entry, GridWeight, StudentWeights
 
@@ -49,6 +50,8 @@ def ggml_type(entry: Entry) -> str:
     """The GGML type ``entry`` is written as (see the module's table)."""
     if entry.grid is None:
         return FLOAT_TYPES[entry.dtype]
+    if fp4_weights.is_fp4(entry):
+        return "MXFP4" if entry.grid.fmt == "mxfp4" else "NVFP4"
     if entry.grid.bits == 8:
         return "Q8_0"
     return "Q4_0" if entry.grid.symmetric else "Q4_1"
@@ -61,6 +64,11 @@ def refusal(weights: StudentWeights) -> str | None:
         return f"GGUF export knows the architectures {', '.join(ARCHITECTURES)}, not {model_type!r}"
     for entry in weights.grids():
         grid, inp = entry.grid, entry.shape[1]
+        if fp4_weights.is_fp4(entry):
+            why = fp4_weights.gguf_refusal(entry)
+            if why:
+                return why
+            continue
         if grid.group_size % BLOCK or inp % BLOCK:
             return (f"{entry.name} ({grid.describe(inp)}, {inp} inputs) does not fall into GGML blocks of {BLOCK} "
                     "inputs: train with quant_group_size 32, 64, 128 or channel on a model whose layer inputs "
@@ -120,6 +128,8 @@ def _head_dim(config) -> int:
 def _data(entry: Entry, config) -> np.ndarray:
     value = entry.load()
     order = _row_order(entry.name, config)
+    if isinstance(value, fp4_weights.FP4Weight):
+        return fp4_weights.gguf_mxfp4_blocks(value.permute_rows(order) if order is not None else value)
     if isinstance(value, GridWeight):
         return blocks(value.permute_rows(order) if order is not None else value, ggml_type(entry))
     if order is not None:
@@ -160,7 +170,8 @@ def _add_tokenizer(writer, folder: Path | None, config) -> None:
     vocab = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
     vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-    size = max(config.vocab_size, max(vocab.values()) + 1)
+    size = config.vocab_size  # llama.cpp wants one token per embedding row; ids past it cannot be embedded anyway
+    vocab = {text: i for text, i in vocab.items() if i < size}
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, i in vocab.items():
@@ -198,7 +209,7 @@ def write(weights: StudentWeights, output_dir: Path, file_name: str = "model.ggu
     _add_metadata(writer, config, output_dir.name)
     kinds = {ggml_type(e) for e in weights.grids()} or {FLOAT_TYPES[entries[0].dtype]}
     file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
-                 "BF16": "MOSTLY_BF16"}.get(sorted(kinds)[0], "ALL_F32")
+                 "BF16": "MOSTLY_BF16", "MXFP4": "MOSTLY_MXFP4_MOE"}.get(sorted(kinds)[0], "ALL_F32")
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, weights.folder, config)

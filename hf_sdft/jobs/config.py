@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers.trainer_utils import SchedulerType
 
 from hf_sdft.compress import DEGRADATIONS
+from hf_sdft.compress.fp4 import FP4_FORMATS
 from hf_sdft.data import DEFAULT_SPLITS, TXT_SAMPLE_BY
 from hf_sdft.export import EXPORT_FORMATS
 from hf_sdft.modeling import comma_list
@@ -38,7 +39,9 @@ class RecoveryArguments:
     degradation: str = field(default="quanto", metadata={"help": f"One of {', '.join(DEGRADATION_KINDS)}."})
     quant_weights: str = field(
         default="int2", metadata={"help": "int8 | int4 | int2 (default int2 in groups of 32, as recipes/quanto-int2.yaml: "
-                                  "a degradation the embedded model feels; int4 barely hurts it)"})
+                                  "a degradation the embedded model feels; int4 barely hurts it) | nvfp4 | mxfp4 "
+                                  "(FP4, hf_sdft.compress.fp4: blocks of 16 / 32 fixed by the format, quant_group_size, "
+                                  "quant_scheme and quant_fp16_scales do not apply; saved as compressed-tensors)"})
     quant_activations: str | None = field(default=None, metadata={"help": "None | int8 | fp8"})
     quant_group_size: str = field(
         default="32", metadata={"help": "'auto' (quanto: 128), 'channel' (one scale per output row) or an int"}
@@ -184,6 +187,12 @@ class RecoveryArguments:
         options are this job's fields named ``<prefix>_<option>`` (``DEGRADATION_PREFIXES``)."""
         if self.student_name_or_path is not None or self.degradation not in DEGRADATIONS:
             return None
+        if self.degradation == "quanto" and self.quant_weights in FP4_FORMATS:  # FP4: its own degradation
+            if self.quant_activations is not None:
+                raise ValueError(f"quant_activations={self.quant_activations!r} with quant_weights {self.quant_weights}: "
+                                 "FP4 students here are weight-only (W4A16); leave quant_activations unset")
+            return DEGRADATIONS["fp4"](fmt=self.quant_weights, clip_search=self.quant_clip_search,
+                                       learn_scales=self.quant_learn_scales)
         prefix = DEGRADATION_PREFIXES[self.degradation]
         cls = DEGRADATIONS[self.degradation]
         return cls(**{name: getattr(self, f"{prefix}_{name}") for name in cls.option_names()

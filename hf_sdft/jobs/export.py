@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 from hf_sdft.compress.checkpoint import load_model
 from hf_sdft.export import EXPORT_FORMATS, REPORT_FILE, ExportReport, check_format, export_student
@@ -47,8 +47,13 @@ class ExportArguments:
 
 
 def load_exported(folder: str | Path, fmt: str) -> torch.nn.Module:
-    """The exported model as transformers alone loads it (float32, on CPU)."""
+    """The exported model as transformers alone loads it (float32, on CPU). FP4 compressed-tensors
+    folders load dequantized: transformers' compressed FP4 layers compute in bfloat16 only."""
     kwargs = {"gguf_file": GGUF_FILE} if fmt == "gguf" else {}
+    qconfig = json.loads(Path(folder, "config.json").read_text()).get("quantization_config") or {} \
+        if fmt == "compressed-tensors" else {}
+    if qconfig.get("format") in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
 
 

@@ -84,6 +84,9 @@ def make_student(original: Original, rec: RecoveryArguments, args: SDFTConfig, m
     if rec.quant_learn_scales and model_args.use_peft:
         raise ValueError("quant_learn_scales trains the quantization scales in full quantization-aware training; "
                          "with use_peft the quantized base is frozen under the adapters: drop one of the two")
+    if model_args.use_peft and rec.quant_weights in ("nvfp4", "mxfp4") and rec.degradation == "quanto":
+        raise ValueError(f"quant_weights {rec.quant_weights} trains in full quantization-aware training (the FP4 "
+                         "grid has no frozen LoRA base here): drop use_peft")
     if rec.student_name_or_path is not None:
         return own_student(rec.student_name_or_path, original.model, original.tokenizer,
                            use_peft=bool(model_args.use_peft), keep_sparsity=rec.keep_sparsity,

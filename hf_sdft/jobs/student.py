@@ -17,8 +17,10 @@ from trl import get_peft_config
 
 from hf_sdft.compress.base import Degradation
 from hf_sdft.compress.checkpoint import QUANTIZED_BASE, detect_sparsity, load_model
+from hf_sdft.compress.fp4_student import is_fp4_model
 from hf_sdft.compress.prune import PruneDegradation, masks_from_zeros, merge_lora
 from hf_sdft.compress.quantize import quantization_summary, save_quantized, thaw_quantized, to_quanto
+from hf_sdft.export.fp4_checkpoint import is_fp4_folder, load_fp4, save_fp4
 from hf_sdft.modeling import check_vocabularies, is_peft, model_folder, num_layers, output_vocab_size, unwrap
 
 
@@ -84,7 +86,10 @@ def own_student(name_or_path: str, teacher: nn.Module, tokenizer, *, use_peft: b
     learned when ``learn_scales``; with ``use_peft`` they stay frozen under new adapters), sparsity
     (masks kept unless ``keep_sparsity`` is false) and adapters (trained as adapters on their base)."""
     folder = model_folder(name_or_path, "student_name_or_path")
-    model = load_model(str(folder), use_kernels)
+    model = load_fp4(folder) if is_fp4_folder(folder) else load_model(str(folder), use_kernels)
+    if use_peft and is_fp4_model(model):
+        raise ValueError(f"{name_or_path} is an FP4 student: it trains in full quantization-aware training (no "
+                         "frozen FP4 base under LoRA here): drop --use_peft")
     check_compatible(model, teacher, folder, tokenizer)
     described: dict = {"kind": "own", "student": name_or_path}
     tags = []
@@ -148,6 +153,8 @@ def save_student(student: Student, tokenizer, output_dir: str) -> tuple[str, str
             shutil.copytree(student.base_folder, out / QUANTIZED_BASE, dirs_exist_ok=True)
         fmt = "quanto+lora" if student.base_folder is not None else "peft"
         code = "from hf_sdft.compress.checkpoint import load_model\n\nmodel = load_model(\"{path}\")"
+    elif student.quantized and is_fp4_model(student.model):  # FP4: saved in its servable format
+        fmt, code = save_fp4(student.model, out)
     elif student.quantized:
         save_quantized(student.model, out)
         fmt, code = "quanto", 'from hf_sdft.compress.quantize import load_quantized\n\nmodel = load_quantized("{path}")'
