@@ -216,7 +216,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: s
     shown = Path(shown_as) if shown_as is not None else output_dir
     stats = load_stats(output_dir)
     base = stats["base_model"]
-    hub_base = _hub_id(base)
+    hub_base = None if stats.get("base_model_local") else _hub_id(base)
     lora_adapters = "lora" in stats["format"]
     relation = "adapter" if lora_adapters else "quantized" if stats["degradation"]["kind"] == "quanto" else "finetune"
     model_name = (repo_id or shown.resolve().name).split("/")[-1]

@@ -89,6 +89,7 @@ def portable_paths(stats: dict, model_path: str) -> None:
     base = Path(model_path).expanduser()
     if base.is_dir():
         stats["base_model"] = base.name
+        stats["base_model_local"] = True
         stats["base_model_default"] = base.resolve() == Path(default_model_path()).resolve()
         readme = base / "README.md"
         if readme.is_file():
