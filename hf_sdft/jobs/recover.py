@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -164,7 +165,7 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     callbacks = [CKACallback(data.eval.probe, teacher_model=measured_against, every_n_steps=rec.cka_every_n_steps,
                              max_tokens=len(data.eval.probe) * rec.block_size), *student.callbacks(),
                  FingerprintCallback(args.output_dir)]
-    train_data = load_from_disk(rec.teacher_cache) if rec.teacher_cache else data.train
+    train_data = load_teacher_cache(rec, original) if rec.teacher_cache else data.train
     # the recovered student (with its card) is pushed once at the end, never the checkpoints; the
     # trainer's args have no token: each checkpoint pickles them (training_args.bin)
     trainer = make_trainer(student.model, dataclasses.replace(args, push_to_hub=False, hub_token=None),
@@ -173,6 +174,25 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
     finish_training(student, lora_added)
     return trainer
+
+
+def load_teacher_cache(rec: RecoveryArguments, original: Original):
+    """The teacher cache, once checked against this run (teacher config and weights, tokenizer,
+    block size, training data, intact shards: :func:`~hf_sdft.trainer.teacher_cache.verify_cache`)."""
+    from hf_sdft.trainer.teacher_cache import teacher_identity, verify_cache
+
+    verify_cache(rec.teacher_cache, teacher_identity(original.model, original.tokenizer, original.data.train,
+                                                     rec.block_size))
+    return load_from_disk(rec.teacher_cache)
+
+
+def cache_record(rec: RecoveryArguments) -> dict | None:
+    """What the teacher cache holds, for the stats (the data trained on is the cache's)."""
+    if not rec.teacher_cache:
+        return None
+    meta = json.loads(Path(rec.teacher_cache, "sdft_cache.json").read_text())
+    keep = ("teacher", "top_k", "temperature", "tokens", "block_size", "data", "teacher_weights", "tokenizer")
+    return {"path": Path(rec.teacher_cache).name, **{k: meta[k] for k in keep if k in meta}}
 
 
 def train_or_load(trainer, resume: str | None, args: SDFTConfig) -> None:
@@ -266,6 +286,8 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     stats = build_stats(rec, args, model_args, original.path, student, teacher_figures, before, after, trainer,
                         scores, time.time() - started)
     stats["model"] = model_record(original.revision, model_args, args, teacher_dtypes)
+    if rec.teacher_cache:
+        stats["teacher_cache"] = cache_record(rec)
     portable_paths(stats, original.path)
     if blocks is not None:
         stats["block_reconstruction"] = blocks
