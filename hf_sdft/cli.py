@@ -103,16 +103,20 @@ def cmd_degrade(rec, args, model_args) -> None:
       "(then: recover --teacher_cache DIR)", *RECIPE, "hf_sdft.trainer.teacher_cache:CacheArguments", config=True)
 def cmd_cache_teacher(rec, args, model_args, cache) -> dict:
     # lazy: a verb imports its job when it runs (hf-sdft --help loads no torch)
+    from pathlib import Path
+
     import torch
 
     from hf_sdft.jobs.recover import load
-    from hf_sdft.trainer.teacher_cache import cache_teacher
+    from hf_sdft.trainer.teacher_cache import cache_teacher, teacher_identity
 
     original = load(rec, args, model_args)
+    identity = teacher_identity(original.model, original.tokenizer, original.data.train, rec.block_size)
     teacher = original.model.to(args.device, args.resolve_teacher_dtype(torch.float32))
     meta = cache_teacher(teacher, original.data.train, args.output_dir, top_k=cache.top_k,
                          temperature=args.kd_temperature, batch_size=args.per_device_train_batch_size,
-                         teacher_name=original.path)
+                         teacher_name=Path(original.path).name if Path(original.path).is_dir() else original.path,
+                         identity=identity)
     print(f"teacher cache: {meta['tokens']:,} tokens, top-{cache.top_k}, {meta['bytes_per_token']:.0f} bytes/token, "
           f"{meta['tokens_per_second']:,.0f} tokens/s; saved to {args.output_dir} "
           f"(train from it: hf-sdft recover ... --teacher_cache {args.output_dir})")

@@ -58,7 +58,12 @@ def read_txt(path: str | Path, sample_by: str = "document") -> list[str]:
     paragraphs (leading/trailing newlines of each stripped), or its lines."""
     if sample_by not in TXT_SAMPLE_BY:
         raise ValueError(f"txt_sample_by={sample_by!r}: choose one of {', '.join(TXT_SAMPLE_BY)}")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: the byte at offset {err.start} (0x{err.object[err.start]:02x}) "
+                         f"cannot be decoded ({err.reason}); convert the file to UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8") from None
     if sample_by == "document":
         docs = [text]
     elif sample_by == "paragraph":

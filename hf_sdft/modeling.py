@@ -243,10 +243,15 @@ def teacher_context(student: nn.Module, teacher: nn.Module | None) -> Iterator[n
             yield peft_model
 
 
-def model_folder(name_or_path: str, what: str = "model") -> Path:
-    """A local folder for ``name_or_path``: itself, or the Hub snapshot of that repo id."""
+def model_folder(name_or_path: str, what: str = "model", revision: str | None = None) -> Path:
+    """A local folder for ``name_or_path``: itself, or the Hub snapshot of that repo id at
+    ``revision`` (a branch, tag or commit; None: main). A revision other than main is refused for a
+    local folder, which has none."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if revision not in (None, "main"):
+            raise ValueError(f"model_revision={revision!r} names a Hub revision but {what} {name_or_path} is a local "
+                             "folder: drop --model_revision, or give the Hub id")
         return path
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists()
     if looks_local:
@@ -254,7 +259,7 @@ def model_folder(name_or_path: str, what: str = "model") -> Path:
     from huggingface_hub import snapshot_download  # lazy: the Hub client only for a repo id
 
     try:
-        return Path(snapshot_download(name_or_path))
+        return Path(snapshot_download(name_or_path, revision=revision))
     except Exception as err:  # offline, unknown repo, gated...
         raise OSError(
             f"{what} {name_or_path!r} is not a local folder and could not be fetched from the Hub ({err}). "

@@ -400,6 +400,9 @@ class PruneOptions:
     pattern: str = "unstructured"
     method: str = "magnitude"
 
+    def __post_init__(self):
+        _parse(self.sparsity, self.pattern, self.method)
+
 
 class PruneDegradation(Degradation):
     """Pruning (see :func:`prune`); the masks are kept through recovery by :class:`SparsityCallback`."""

@@ -408,7 +408,11 @@ class QuantoOptions:
         if self.group_size == "channel":
             self.group_size = None
         elif isinstance(self.group_size, str) and self.group_size != "auto":
+            if not self.group_size.strip().isdigit():
+                raise ValueError(f"group_size={self.group_size!r}: give a positive integer, 'auto' or 'channel'")
             self.group_size = int(self.group_size)
+        if isinstance(self.group_size, int) and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: give a positive integer, 'auto' or 'channel'")
         self.exclude = tuple(self.exclude)
         _check_types(self.weights, self.activations)
         if (self.clip_search or self.learn_scales) and self.activations is not None:

@@ -7,21 +7,32 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from fnmatch import fnmatch
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadata_load
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_sdft.data import default_model_path
 from hf_sdft.jobs import plots
 
 STATS_FILE = "sdft_stats.json"
-# never uploaded: training checkpoints, a teacher copy, logs and the intermediate SFT stages
-IGNORE_PATTERNS = ["checkpoint-*/", "teacher*/", "runs/", "forgetting-sft/", "prevent/"]
 PLOT_NAMES = ("cka_per_layer", "cka_history", "loss_curves")
+# the only files pushed (native format): the model, its tokenizer, the card, plots and stats at the
+# root, and the quantized base / exported formats in their subfolders; nothing else a run or a user
+# left in the folder (checkpoints, training data, a teacher cache, logs) is ever uploaded
+UPLOAD_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "quanto_qmap.json", "quanto_group_sizes.json", "adapter_config.json",
+    "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "README.md", STATS_FILE, *(f"{name}.png" for name in PLOT_NAMES),
+)
+UPLOAD_FOLDERS = ("quantized_base", "compressed-tensors", "gguf", "dense")  # their files, any depth
 DEGRADATION_LABELS = {
     "weights": "weights", "activations": "activations", "group_size": "group size",
     "quantized_layers": "quantized layers", "exclude": "kept in float", "sparsity": "target sparsity",
@@ -114,8 +125,8 @@ def _hub_id(name: str) -> str | None:
     return name
 
 
-def _local_name(base: str) -> str:
-    same = Path(base).resolve() == Path(default_model_path()).resolve()
+def _local_name(base: str, default: bool | None = None) -> str:
+    same = default if default is not None else Path(base).resolve() == Path(default_model_path()).resolve()
     return "the hf-sdft embedded default model" if same else f"a local model (`{Path(base).name}`)"
 
 
@@ -191,29 +202,33 @@ def export_sections(stats: dict, load_path: str, hub_format: str | None) -> list
     return sections
 
 
-def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None) -> ModelCard:
+def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None,
+               shown_as: str | Path | None = None, private: bool | None = None) -> ModelCard:
     """The model card of a recovery output folder (links the plots already in it).
 
     ``repo_id``: the Hub repo the folder goes to; the loading code then uses it instead of
     the folder path. ``hub_format``: the exported format that sits at the repository's root
-    (None: the folder as saved).
+    (None: the folder as saved). ``shown_as``: the folder the card will sit in when it is written
+    elsewhere first (the job's staging folder), named in the loading code. ``private``: the Hub
+    repository's visibility, said in the card (None: not pushed).
     """
     output_dir = Path(output_dir)
+    shown = Path(shown_as) if shown_as is not None else output_dir
     stats = load_stats(output_dir)
     base = stats["base_model"]
-    hub_base = _hub_id(base)
+    hub_base = None if stats.get("base_model_local") else _hub_id(base)
     lora_adapters = "lora" in stats["format"]
     relation = "adapter" if lora_adapters else "quantized" if stats["degradation"]["kind"] == "quanto" else "finetune"
-    model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
+    model_name = (repo_id or shown.resolve().name).split("/")[-1]
     datasets = [stats["data"][k] for k in ("dataset_name", "narrow_dataset_name") if stats["data"].get(k)]
     card_data = ModelCardData(
         base_model=hub_base, base_model_relation=relation if hub_base else None,
         library_name="peft" if lora_adapters else "transformers", pipeline_tag="text-generation",
-        license=_local_license(base) if hub_base is None else None,
+        license=stats.get("base_model_license") or _local_license(base) if hub_base is None else None,
         tags=["hf-sdft", "sdft", *stats["tags"]], datasets=datasets or None,
         model_name=model_name, eval_results=_eval_results(stats),
     )
-    load_path = repo_id or output_dir.as_posix()
+    load_path = repo_id or shown.as_posix()
     cka_before, cka_after = stats["cka"]["before"], stats["cka"]["after"]
     exports = export_sections(stats, load_path, hub_format)
     loading_code = stats["loading_code"].replace("{path}", load_path)
@@ -222,7 +237,7 @@ def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: s
     return ModelCard.from_template(
         card_data, template_path=str(template_path()),
         model_name=model_name, stats=stats, hub_base=hub_base,
-        base_name=hub_base or _local_name(base),
+        base_name=hub_base or _local_name(base, stats.get("base_model_default")), private=private,
         degradation_rows=degradation_rows(stats["degradation"]),
         cka_rows=[(int(k), cka_before[k], cka_after.get(k)) for k in sorted(cka_before, key=int)],
         eval_name=_eval_source(stats["data"], "")["dataset_name"],
@@ -231,12 +246,16 @@ def build_card(output_dir: str | Path, repo_id: str | None = None, hub_format: s
     )
 
 
-def write_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None) -> Path:
-    """Draw the plots and write ``output_dir/README.md``; returns the README path."""
+def write_card(output_dir: str | Path, repo_id: str | None = None, hub_format: str | None = None,
+               shown_as: str | Path | None = None, private: bool | None = None) -> Path:
+    """Draw the plots and write ``output_dir/README.md`` (through a temporary file and a rename);
+    returns the README path."""
     output_dir = Path(output_dir)
     write_plots(output_dir)
     path = output_dir / "README.md"
-    build_card(output_dir, repo_id, hub_format).save(path)
+    tmp = output_dir / ".README.md.tmp"
+    build_card(output_dir, repo_id, hub_format, shown_as, private).save(tmp)
+    os.replace(tmp, path)
     return path
 
 
@@ -250,11 +269,15 @@ def write_stats_card(output_dir: str | Path, repo_id: str | None = None) -> bool
 
 
 def upload_plan(output_dir: str | Path) -> list[str]:
-    """The files (relative POSIX paths) :func:`push_recovered` uploads: all but checkpoints,
-    teacher copies, logs and intermediate stages — the same filter ``upload_folder`` applies."""
+    """The files (relative POSIX paths) :func:`push_recovered` uploads in the native format: those
+    of the allow-list (:data:`UPLOAD_FILES` at the root, :data:`UPLOAD_FOLDERS`' files), nothing else."""
     root = Path(output_dir)
-    files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+    plan = [p.name for p in root.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in UPLOAD_FILES)]
+    for folder in UPLOAD_FOLDERS:
+        if (root / folder).is_dir():
+            plan += [p.relative_to(root).as_posix() for p in (root / folder).rglob("*")
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(plan)
 
 
 def hub_upload_plan(output_dir: str | Path, hub_format: str) -> dict[str, Path]:
@@ -276,20 +299,21 @@ def hub_upload_plan(output_dir: str | Path, hub_format: str) -> dict[str, Path]:
 
 def push_recovered(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None,
                    hub_format: str | None = None):
-    """Create the Hub repo if needed, write the card for it and upload. With an exported
-    ``hub_format``, :func:`hub_upload_plan`'s files (transformers, vLLM or llama.cpp load the
-    repository as it is); else (None or ``native``) :func:`upload_plan`'s. ``repo_id`` may omit the
+    """Create the Hub repo if needed, write the card for it (saying whether the repository is
+    private) and upload in one commit. With an exported ``hub_format``, :func:`hub_upload_plan`'s
+    files (transformers, vLLM or llama.cpp load the repository as it is); else (None or ``native``)
+    :func:`upload_plan`'s allow-list. ``repo_id`` may omit the
     namespace (the token's user). Returns the ``CommitInfo``."""
     from huggingface_hub import CommitOperationAdd
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     exported = hub_format not in (None, "native")
-    write_card(output_dir, repo_id, hub_format if exported else None)
+    write_card(output_dir, repo_id, hub_format if exported else None, private=private)
     message = "Upload model recovered with hf-sdft"
     if exported:
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                      for name, path in hub_upload_plan(output_dir, hub_format).items()]
-        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=list(IGNORE_PATTERNS),
-                             commit_message=message)
+        plan = hub_upload_plan(output_dir, hub_format)
+    else:
+        plan = {name: Path(output_dir) / name for name in upload_plan(output_dir)}
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan.items()]
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)

@@ -141,6 +141,11 @@ class RecoveryArguments:
         metadata={"help": "What push_to_hub puts at the repository's root: an export format, 'native' (the saved "
                   "student as hf-sdft saves it), or 'auto': compressed-tensors for a quantized student with an "
                   "exact form there, else dense. Other exported formats go in subfolders."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete the checkpoints and outputs of another run found in output_dir, then start. "
+                  "Without it such a folder is refused (naming the differing settings); a folder of this same "
+                  "run is resumed, or left as it is when complete."})
 
     def __post_init__(self):
         choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,
@@ -171,6 +176,22 @@ class RecoveryArguments:
                              "activations (quant_activations) have no straight-through gradient here")
         if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
+        self.check_degradation_options()
+
+    def check_degradation_options(self) -> None:
+        """The degradation's options (bit width, group size, scheme, sparsity, pattern, method) checked
+        now, before any model or data is loaded, with the option's flag named."""
+        if self.degradation == "quanto" and self.student_name_or_path is None:
+            group = str(self.quant_group_size).strip()
+            if group not in ("auto", "channel") and not (group.isdigit() and int(group) > 0):
+                raise ValueError(f"quant_group_size={self.quant_group_size!r}: give a positive number of weights per "
+                                 "scale (e.g. 32, 64, 128), 'auto' (quanto's 128) or 'channel' (one scale per row)")
+        if self.degradation in ("quanto", "prune"):
+            try:
+                self.build_degradation()
+            except ValueError as err:
+                prefix = DEGRADATION_PREFIXES[self.degradation]
+                raise ValueError(f"{self.degradation} options ({prefix}_*): {err}") from None
 
     @property
     def export_list(self) -> list[str]:
@@ -224,5 +245,9 @@ class RecoveryConfig(SDFTConfig):
     seed: int = 0
 
     def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: the recovery trains a fixed number of optimizer steps; "
+                             "give at least 1 (--max_steps N)")
+        self.requested_precision = "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
         self.bf16, self.fp16 = resolve_mixed_precision(self.bf16, self.fp16, self.use_cpu)
         super().__post_init__()

@@ -44,7 +44,8 @@ def sft_on_narrow(student, tokenizer, data, args: SDFTConfig, rec, kd_teacher=No
     stage_args = dataclasses.replace(
         args, output_dir=str(Path(args.output_dir) / ("prevent" if prevent else "forgetting-sft")),
         max_steps=rec.forgetting_steps, learning_rate=rec.forgetting_learning_rate, lr_scheduler_type="constant",
-        warmup_steps=0, save_strategy="no", push_to_hub=False, report_to="none", resume_from_checkpoint=None,
+        warmup_steps=0, save_strategy="no", push_to_hub=False, hub_token=None, report_to="none",
+        resume_from_checkpoint=None,
         kd_ratio=args.kd_ratio if prevent else 0.0, cka_weight=args.cka_weight if prevent else 0.0,
     )
     make_trainer(student, stage_args, kd_teacher, data.narrow_train, tokenizer, data.fmt).train()

@@ -63,6 +63,47 @@ def build_stats(rec, args, model_args, model_path, student, teacher_m, before, a
     return stats
 
 
+def model_record(revision: str | None, model_args, args, teacher_dtypes: dict) -> dict:
+    """How the models were really loaded and trained: the original's Hub commit (None for a local
+    folder), the attention implementation, and the precisions used — the mixed precision asked for
+    and the one used after the device's fallback, the teacher's dtype when measured and after
+    training (the trainer may convert it to ``teacher_dtype`` in place), the device."""
+    used = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return {
+        "revision": revision, "revision_requested": getattr(model_args, "model_revision", None),
+        "attn_implementation": getattr(model_args, "attn_implementation", None) or "default",
+        "precision": {"requested": getattr(args, "requested_precision", used), "used": used,
+                      "student_weights": "float32", "teacher_measured": teacher_dtypes.get("measured"),
+                      "teacher_after_training": teacher_dtypes.get("after_training"), "device": str(args.device)},
+    }
+
+
+def portable_paths(stats: dict, model_path: str) -> None:
+    """Local paths in ``stats`` replaced by base names (a Hub id stays): the stats are uploaded with
+    the model. What the card needs from a local base (is it the embedded model, its license) is
+    kept beside it."""
+    from pathlib import Path
+
+    from hf_sdft.data import default_model_path
+
+    base = Path(model_path).expanduser()
+    if base.is_dir():
+        stats["base_model"] = base.name
+        stats["base_model_local"] = True
+        stats["base_model_default"] = base.resolve() == Path(default_model_path()).resolve()
+        readme = base / "README.md"
+        if readme.is_file():
+            from huggingface_hub import metadata_load
+
+            license_ = (metadata_load(readme) or {}).get("license")
+            if license_:
+                stats["base_model_license"] = license_
+    stats["data"] = {k: Path(v).name if k.endswith("_file") else v for k, v in stats.get("data", {}).items()}
+    student = stats.get("degradation", {}).get("student")
+    if student and Path(student).expanduser().exists():
+        stats["degradation"]["student"] = Path(student).name
+
+
 def format_table(stats: dict) -> str:
     ppl, cka = stats["perplexity"], stats["cka"]
     r = stats["recovery_ratio"]

@@ -144,9 +144,21 @@ def finish_training(student: Student, lora_added: bool) -> None:
         student.model = merge_lora(student.model, student.masks) if student.masks else student.model.merge_and_unload()
 
 
+def clear_saved_model(folder: Path, keep: Path | None = None) -> None:
+    """Delete the model files of any format (:data:`~hf_sdft.jobs.outputs.MODEL_OUTPUTS`) from
+    ``folder``, but ``keep`` (a quantized base being saved there)."""
+    from hf_sdft.jobs.outputs import MODEL_OUTPUTS, remove_entries
+
+    if folder.is_dir():
+        remove_entries(folder, MODEL_OUTPUTS, keep=keep)
+
+
 def save_student(student: Student, tokenizer, output_dir: str) -> tuple[str, str]:
-    """Save the recovered student; returns (format, Python that loads it from ``{path}``)."""
+    """Save the recovered student; returns (format, Python that loads it from ``{path}``). The model
+    files of an earlier save in ``output_dir`` (any format: a stale ``quanto_qmap.json`` or
+    ``adapter_config.json`` would make the new model load wrongly) are deleted first."""
     out = Path(output_dir)
+    clear_saved_model(out, keep=student.base_folder)
     if is_peft(student.model):
         student.model.save_pretrained(out)
         if student.base_folder is not None and student.base_folder.resolve() != (out / QUANTIZED_BASE).resolve():

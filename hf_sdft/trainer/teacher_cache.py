@@ -4,6 +4,7 @@ distil from that ``datasets`` folder without loading the teacher (``hf-sdft cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -60,11 +61,78 @@ def topk_outputs(teacher, batch: dict, top_k: int, temperature: float) -> dict[s
     return {"teacher_topk_ids": ids.int().cpu(), "teacher_topk_logprobs": values.cpu(), "teacher_tail_logprob": tail.cpu()}
 
 
+def teacher_identity(teacher, tokenizer=None, dataset: Dataset | None = None, block_size: int | None = None) -> dict:
+    """What a cache was made from: the teacher's config and weights (sha256 of every tensor), the
+    tokenizer's vocabulary hash, the block size, and the tokens of the data (sha256 of the
+    ``input_ids``, read in batches)."""
+    config = json.dumps(teacher.config.to_diff_dict(), sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().float().cpu().numpy().tobytes())
+    identity = {"teacher_config": hashlib.sha256(config.encode()).hexdigest()[:16],
+                "teacher_weights": weights.hexdigest()[:16], "block_size": block_size}
+    if tokenizer is not None:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        identity["tokenizer"] = hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    if dataset is not None:
+        data = hashlib.sha256()
+        for batch in dataset.select_columns(["input_ids"]).iter(batch_size=1024):
+            for ids in batch["input_ids"]:
+                data.update(json.dumps(list(ids)).encode())
+        identity["data"] = data.hexdigest()[:16]
+    return identity
+
+
+IDENTITY_ITEMS = {"teacher_config": "the teacher's config", "teacher_weights": "the teacher's weights",
+                  "tokenizer": "the tokenizer", "block_size": "the block size", "data": "the training data"}
+
+
+def shard_checksums(folder: str | Path) -> dict[str, str]:
+    h = {}
+    for path in sorted(Path(folder).glob("*.arrow")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        h[path.name] = digest.hexdigest()
+    return h
+
+
+def verify_cache(folder: str | Path, identity: dict) -> dict:
+    """The cache's ``sdft_cache.json`` once its shards are intact (same checksums) and it was made
+    from what ``identity`` (:func:`teacher_identity`) describes; else a ValueError naming the item."""
+    folder = Path(folder)
+    meta_file = folder / "sdft_cache.json"
+    if not meta_file.is_file():
+        raise ValueError(f"teacher_cache={folder} has no sdft_cache.json: write it with hf-sdft cache-teacher")
+    meta = json.loads(meta_file.read_text())
+    recorded = meta.get("shards")
+    if recorded is None:
+        raise ValueError(f"teacher_cache={folder} was written by an older hf-sdft without checksums nor the teacher's "
+                         "fingerprint: write it again with hf-sdft cache-teacher")
+    found = shard_checksums(folder)
+    for name, digest in recorded.items():
+        if name not in found:
+            raise ValueError(f"teacher_cache={folder}: shard {name} is missing: write the cache again")
+        if found[name] != digest:
+            raise ValueError(f"teacher_cache={folder}: shard {name} is truncated or corrupt (its checksum differs "
+                             "from the one recorded): write the cache again with hf-sdft cache-teacher")
+    for key, what in IDENTITY_ITEMS.items():
+        if key in identity and meta.get(key) != identity[key]:
+            raise ValueError(f"teacher_cache={folder} does not match this run: {what} differs ({key}: cache "
+                             f"{meta.get(key)}, this run {identity[key]}); write the cache again for this run, or "
+                             "train with the online teacher")
+    return meta
+
+
 def cache_teacher(teacher, dataset: Dataset, output_dir: str | Path, *, top_k: int = 64, temperature: float = 1.0,
-                  batch_size: int = 8, shard_rows: int = 2048, teacher_name: str | None = None) -> dict:
+                  batch_size: int = 8, shard_rows: int = 2048, teacher_name: str | None = None,
+                  identity: dict | None = None) -> dict:
     """Write ``dataset`` (rows with ``input_ids``, optional ``labels``) plus the teacher's top-k
     outputs to ``output_dir`` (``save_to_disk``). Rows are written in shards of ``shard_rows`` and
-    joined memory-mapped, so a cache larger than memory works. Returns the cache's figures."""
+    joined memory-mapped, so a cache larger than memory works. Returns the cache's figures;
+    ``identity`` (:func:`teacher_identity`) and the shards' checksums are recorded in ``sdft_cache.json``."""
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab}")
@@ -99,8 +167,11 @@ def cache_teacher(teacher, dataset: Dataset, output_dir: str | Path, *, top_k: i
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.glob("*.arrow"))
-    meta |= {"bytes": size, "bytes_per_token": size / max(tokens, 1), "tokens_per_second": tokens / max(elapsed, 1e-9)}
-    (out / "sdft_cache.json").write_text(json.dumps(meta, indent=2))
+    meta |= {"bytes": size, "bytes_per_token": size / max(tokens, 1), "tokens_per_second": tokens / max(elapsed, 1e-9),
+             **(identity or {}), "shards": shard_checksums(out)}
+    tmp = out / ".sdft_cache.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / "sdft_cache.json")
     return meta
 
 

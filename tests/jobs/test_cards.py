@@ -93,7 +93,8 @@ def test_loading_code_in_the_card_loads_the_recovered_student(run):
     ids = torch.tensor([make_tokenizer()(make_texts(1, seed=9)[0])["input_ids"]])
     with torch.no_grad():
         assert torch.equal(scope["model"](input_ids=ids).logits, load_quantized(out)(input_ids=ids).logits)
-    blocks = pack_blocks(make_tokenizer(), load_texts(data_file=stats["data"]["eval_file"]), 32, 200)
+    assert stats["data"]["eval_file"] == "eval.txt"  # by base name: the stats are uploaded
+    blocks = pack_blocks(make_tokenizer(), load_texts(data_file=str(out.parent / "eval.txt")), 32, 200)
     recovered = stats["perplexity"]["recovered"]
     assert perplexity(scope["model"], as_batches(blocks, 16)) == pytest.approx(recovered, rel=1e-4)
 
@@ -109,7 +110,7 @@ def test_repo_id_goes_into_the_loading_code(run, tmp_path, capsys):
 
 
 def test_hub_base_and_license_of_a_local_base(run, tmp_path):
-    hub = build_card(variant(run, tmp_path / "hub", base_model="org/base-1b")).data.to_dict()
+    hub = build_card(variant(run, tmp_path / "hub", base_model="org/base-1b", base_model_local=False)).data.to_dict()
     assert hub["base_model"] == "org/base-1b" and hub["base_model_relation"] == "quantized" and "license" not in hub
     base = tmp_path / "base"
     base.mkdir()
@@ -155,18 +156,25 @@ def test_missing_stats_says_how_to_produce_them(tmp_path):
         write_card(tmp_path)
 
 
-def test_upload_plan_skips_checkpoints_and_teacher(run, tmp_path):
+def test_upload_plan_is_an_allow_list(run, tmp_path):
     out, _ = run
     plan = upload_plan(out)
     assert any((out / p).parent.name.startswith("checkpoint-") for p in out.glob("checkpoint-*/*"))
-    assert not [p for p in plan if p.startswith("checkpoint-")]
-    assert {"README.md", STATS_FILE, "model.safetensors", "quanto_qmap.json", "cka_history.png"} <= set(plan)
+    top = {p.name for p in out.iterdir() if p.is_file()}
+    assert set(plan) == top - {"trainer_state.json", "run_fingerprint.json"}  # no checkpoint, no run state
+    assert {"README.md", STATS_FILE, "model.safetensors", "quanto_qmap.json", "cka_history.png",
+            "tokenizer.json"} <= set(plan)
     folder = tmp_path / "f"
     shutil.copytree(out, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "*.pth", "*.bin"))
-    for extra in ("teacher/config.json", "runs/events.out", ".git/HEAD", "quantized_base/quanto_qmap.json"):
-        (folder / extra).parent.mkdir(exist_ok=True)
+    never = ("teacher/config.json", "runs/events.out", ".git/HEAD", "teacher_cache/data-00000-of-00001.arrow",
+             "narrow_rewritten.jsonl", "train.jsonl", "old_model.bin", "trainer_state.json", "run_fingerprint.json",
+             "notes.txt", "stale/model.safetensors", "gguf/.cache/x")
+    for extra in (*never, "quantized_base/quanto_qmap.json", "gguf/model.gguf", "compressed-tensors/config.json",
+                  "dense/model.safetensors"):
+        (folder / extra).parent.mkdir(parents=True, exist_ok=True)
         (folder / extra).write_text("{}")
-    expected = {p for p in plan if not p.endswith(".safetensors")} | {"quantized_base/quanto_qmap.json"}
+    expected = {p for p in plan if not p.endswith(".safetensors")} | {
+        "quantized_base/quanto_qmap.json", "gguf/model.gguf", "compressed-tensors/config.json", "dense/model.safetensors"}
     assert set(upload_plan(folder)) == expected
 
 
@@ -181,12 +189,28 @@ def test_push_uploads_the_plan(run, tmp_path, monkeypatch):
             calls["create"] = (repo_id, private, exist_ok)
             return type("RepoUrl", (), {"repo_id": f"me/{repo_id}"})()
 
-        def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message):
-            calls["upload"] = (repo_id, folder_path, ignore_patterns)
+        def create_commit(self, *, repo_id, operations, commit_message):
+            calls["upload"] = (repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations})
 
     monkeypatch.setattr(cards, "HfApi", FakeApi)
     folder = variant(run, tmp_path)
+    (folder / "train_rewritten.jsonl").write_text("{}")  # left there by someone: never uploaded
     push_recovered(folder, "tiny", private=True, token="t")  # namespace from the token's user
     assert calls["create"] == ("tiny", True, True) and calls["token"] == "t"
-    assert calls["upload"] == ("me/tiny", str(folder), cards.IGNORE_PATTERNS)
-    assert 'load_quantized("me/tiny")' in (folder / "README.md").read_text()
+    repo, files = calls["upload"]
+    assert repo == "me/tiny" and set(files) == set(upload_plan(folder)) and "train_rewritten.jsonl" not in files
+    assert files["README.md"] == str(folder / "README.md")
+    text = (folder / "README.md").read_text()
+    assert 'load_quantized("me/tiny")' in text and "This repository is **private**" in text
+    push_recovered(folder, "tiny", private=False, token="t")
+    assert "This repository is **public**" in (folder / "README.md").read_text()
+
+
+def test_stats_hold_no_local_paths(run):
+    out, _ = run
+    text = (out / STATS_FILE).read_text()
+    assert str(out.parent) not in text and "/tmp" not in text
+    stats = json.loads(text)
+    assert stats["base_model"] == "model" and stats["data"] == {"train_file": "train.txt", "eval_file": "eval.txt",
+                                                                "dataset_train_split": "train",
+                                                                "dataset_test_split": "validation"}

@@ -179,10 +179,41 @@ def test_prevent_mode_uses_the_cka_regulariser(tiny, tmp_path):
     assert with_cka["perplexity"]["recovered"] != pytest.approx(kd["perplexity"]["recovered"], rel=1e-6)
 
 
-def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path):
-    first, _ = recover(tiny, tmp_path, "--degradation", "prune", "--max_steps", "4", "--learning_rate", "1e-2")
+class Interrupted(Exception):
+    pass
+
+
+def interrupted(tiny, out, step, monkeypatch, *extra):
+    """A run killed right after saving ``checkpoint-<step>``."""
+    from transformers import TrainerCallback
+
+    import hf_sdft.jobs.recover as job
+
+    real = job.make_trainer
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupted
+
+    def make_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(Kill())
+        return trainer
+
+    monkeypatch.setattr(job, "make_trainer", make_trainer)
+    with pytest.raises(Interrupted):
+        recover(tiny, out, *extra)
+    monkeypatch.setattr(job, "make_trainer", real)
+
+
+def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path, monkeypatch):
+    interrupted(tiny, tmp_path, 4, monkeypatch, "--degradation", "prune", "--learning_rate", "1e-2")
     masks = masks_from_zeros(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4"))
-    resumed, args = recover(tiny, tmp_path, "--degradation", "prune", "--max_steps", "8", "--learning_rate", "1e-2")
+    saved = json.loads((tmp_path / "run_fingerprint.json").read_text())
+    assert json.loads((tmp_path / "checkpoint-4" / "run_fingerprint.json").read_text()) == saved
+    assert not saved["complete"]
+    resumed, args = recover(tiny, tmp_path, "--degradation", "prune", "--learning_rate", "1e-2")
     assert resumed["recovery"]["steps"] == 8
     assert [h["step"] for h in resumed["cka_history"]] == [0, 4, 8]  # history from before the interruption kept
     final = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -191,9 +222,9 @@ def test_interrupted_run_resumes_with_masks_intact(tiny, tmp_path):
         assert torch.equal(mask, masks[name])
 
 
-def test_interrupted_quanto_run_resumes_quantized(tiny, tmp_path):
-    recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel", "--max_steps", "4")
-    resumed, _ = recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel", "--max_steps", "8")
+def test_interrupted_quanto_run_resumes_quantized(tiny, tmp_path, monkeypatch):
+    interrupted(tiny, tmp_path, 4, monkeypatch, "--quant_weights", "int4", "--quant_group_size", "channel")
+    resumed, _ = recover(tiny, tmp_path, "--quant_weights", "int4", "--quant_group_size", "channel")
     assert resumed["recovery"]["steps"] == 8
     assert (tmp_path / "quanto_qmap.json").exists()
 
@@ -370,3 +401,201 @@ def test_cakld_recovery_estimates_and_reports_gamma(tiny, tmp_path):
     assert stats["perplexity"]["recovered"] < stats["perplexity"]["degraded"]
     given = _recipe_parser().parse_args_and_config(["--kd_loss", "cakld", "--cakld_gamma", "0.4"])[1]
     assert given.cakld_gamma == 0.4
+
+
+def no_loading(monkeypatch):
+    """Fail the test if the job gets as far as loading a model."""
+    import hf_sdft.jobs.recover as job
+
+    monkeypatch.setattr(job, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+class TestRunFolder:
+    """Issue 26.1: a run resumes only its own checkpoints; another run's folder is refused."""
+
+    def test_another_runs_folder_is_refused_naming_the_settings(self, tiny, tmp_path, monkeypatch):
+        recover(tiny, tmp_path, "--quant_weights", "int2", "--max_steps", "4", "--save_steps", "2")
+        before = snapshot(tmp_path)
+        with monkeypatch.context() as m:
+            no_loading(m)
+            with pytest.raises(FileExistsError, match=r"another run's output: settings differ: learning_rate "
+                                                      r"\(0\.001 → 0\.5\); quant_weights \(int2 → int4\); seed \(0 → 7\)"
+                                                      r".*--overwrite_output_dir true"):
+                recover(tiny, tmp_path, "--quant_weights", "int4", "--learning_rate", "0.5", "--seed", "7",
+                        "--max_steps", "4", "--save_steps", "2")
+        assert snapshot(tmp_path) == before  # nothing touched
+        stats, _ = recover(tiny, tmp_path, "--quant_weights", "int4", "--learning_rate", "0.5", "--seed", "7",
+                           "--max_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
+                           "--overwrite_output_dir", "true")
+        saved = json.loads((tmp_path / STATS_FILE).read_text())
+        assert saved["degradation"]["weights"] == "int4" and saved["recovery"]["steps"] == 2
+        assert [h["step"] for h in saved["cka_history"]] == [0, 2]  # nothing of the int2 run merged in
+        assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+        state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+        assert [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e][0] > 0.1  # the new schedule
+
+    def test_complete_run_exits_without_training(self, tiny, tmp_path, monkeypatch, caplog):
+        first, _ = recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")
+        before = snapshot(tmp_path)
+        no_loading(monkeypatch)
+        again, _ = recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")
+        assert again["recovery"]["steps"] == 2 and again == json.loads((tmp_path / STATS_FILE).read_text())
+        assert snapshot(tmp_path) == before
+
+    def test_runs_without_output_dir_share_the_recipe_folder_and_are_told_apart(self, tiny, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        data = ["--model_name_or_path", str(tiny / "model"), "--train_file", str(tiny / "train.txt"),
+                "--eval_file", str(tiny / "eval.txt"), "--block_size", "32", "--max_steps", "2", "--save_steps", "2",
+                "--disable_tqdm", "true", "--per_device_train_batch_size", "8", "--probe_blocks", "8"]
+        run_recovery(*_recipe_parser().parse_args_and_config(data))
+        assert (tmp_path / "outputs" / "quanto-int2" / STATS_FILE).is_file()
+        no_loading(monkeypatch)
+        with pytest.raises(FileExistsError, match=r"outputs/quanto-int2 holds another run's output: settings differ: "
+                                                  r"quant_weights \(int2 → int4\)"):
+            run_recovery(*_recipe_parser().parse_args_and_config([*data, "--quant_weights", "int4"]))
+
+    def test_a_folder_with_outputs_but_no_fingerprint_is_refused(self, tiny, tmp_path, monkeypatch):
+        (tmp_path / "checkpoint-300").mkdir()
+        (tmp_path / STATS_FILE).write_text("{}")
+        no_loading(monkeypatch)
+        with pytest.raises(FileExistsError, match="without a fingerprint"):
+            recover(tiny, tmp_path)
+
+    @pytest.mark.parametrize("steps", ["0", "-1"])
+    def test_max_steps_below_one_is_refused(self, steps):
+        with pytest.raises(ValueError, match=f"max_steps={steps}: .*give at least 1"):
+            _recipe_parser().parse_args_and_config(["--max_steps", steps])
+
+
+def test_hub_token_is_never_written(tiny, tmp_path):
+    """Issue 26.3: a token given on the command line is in no file the run writes."""
+    token = "hf_PLANTEDtoken0123456789abcdefXYZ"
+    recover(tiny, tmp_path, "--max_steps", "4", "--save_steps", "2", "--hub_token", token)
+    written = snapshot(tmp_path)
+    assert any(name.endswith("training_args.bin") for name in written)
+    assert [name for name, data in written.items() if token.encode() in data] == []
+
+
+class TestAtomicOutputs:
+    """Issue 26.5."""
+
+    def test_plain_save_over_a_quanto_save_loads(self, tmp_path):
+        from hf_sdft.compress.checkpoint import load_model
+        from hf_sdft.compress.quantize import QuantoDegradation
+        from hf_sdft.jobs.student import Student, save_student
+        from tests.helpers import make_model
+
+        quantized = make_model()
+        degradation = QuantoDegradation(weights="int4", group_size="channel")
+        degradation.apply(quantized)
+        save_student(Student(quantized, {"kind": "quanto"}, degradation=degradation), make_tokenizer(), tmp_path)
+        assert (tmp_path / "quanto_qmap.json").exists()
+        plain = make_model(seed=3)
+        assert save_student(Student(plain, {"kind": "none"}), make_tokenizer(), tmp_path)[0] == "transformers"
+        assert not (tmp_path / "quanto_qmap.json").exists()
+        assert torch.equal(logits(load_model(str(tmp_path)), tiny=None), logits(plain, tiny=None))
+
+    def test_a_crash_while_saving_leaves_no_half_written_output(self, tiny, tmp_path, monkeypatch):
+        import hf_sdft.jobs.recover as job
+
+        def crash(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(job, "write_card", crash)
+        with pytest.raises(OSError, match="disk full"):
+            recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == ["checkpoint-2", "run_fingerprint.json", "trainer_state.json"]  # no model, stats or card
+        assert not json.loads((tmp_path / "run_fingerprint.json").read_text())["complete"]
+        monkeypatch.undo()
+        stats, _ = recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")  # resumes, saves
+        assert stats["recovery"]["steps"] == 2 and (tmp_path / "README.md").is_file()
+
+    @pytest.mark.parametrize("where", ["file", "under_a_file"])
+    def test_output_dir_is_checked_before_loading(self, tiny, tmp_path, monkeypatch, where):
+        (tmp_path / "taken").write_text("mine")
+        out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "sub"
+        no_loading(monkeypatch)
+        with pytest.raises(NotADirectoryError, match="is an existing file, not a folder|is a file, not a folder"):
+            recover(tiny, out)
+        assert (tmp_path / "taken").read_text() == "mine"
+
+
+class TestModelFlags:
+    """Issue 26.6: every ModelConfig flag is honoured or refused."""
+
+    @pytest.mark.parametrize("flags,msg", [
+        (["--load_in_4bit", "true"], "load_in_4bit / load_in_8bit"),
+        (["--load_in_8bit", "true"], "load_in_4bit / load_in_8bit"),
+        (["--dtype", "bfloat16"], "dtype='bfloat16' is not used.*--teacher_dtype"),
+        (["--model_revision", "v1.0"], "model_revision='v1.0' names a Hub revision but .* is a local folder"),
+    ])
+    def test_refused_before_loading(self, tiny, tmp_path, monkeypatch, flags, msg):
+        import hf_sdft.jobs.recover as job
+
+        monkeypatch.setattr(job, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+        with pytest.raises(ValueError, match=msg):
+            recover(tiny, tmp_path, *flags)
+
+    def test_revision_reaches_the_hub_download(self, monkeypatch):
+        import huggingface_hub
+
+        from hf_sdft.modeling import model_folder
+
+        asked = {}
+
+        def snapshot_download(repo_id, revision=None):
+            asked.update(repo_id=repo_id, revision=revision)
+            return f"/cache/models--{repo_id}/snapshots/0123abcd"
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        assert model_folder("org/teacher", revision="v1.0").name == "0123abcd"
+        assert asked == {"repo_id": "org/teacher", "revision": "v1.0"}
+
+    def test_attention_and_precisions_used_are_recorded(self, tiny, tmp_path, monkeypatch):
+        import hf_sdft.jobs.recover as job
+
+        loaded = []
+        real = job.from_pretrained
+        monkeypatch.setattr(job, "from_pretrained", lambda *a, **k: loaded.append(k) or real(*a, **k))
+        stats, _ = recover(tiny, tmp_path, "--max_steps", "1", "--attn_implementation", "eager", "--bf16", "true")
+        assert [k.get("attn_implementation") for k in loaded] == ["eager"]
+        record = json.loads((tmp_path / STATS_FILE).read_text())["model"]
+        assert record["attn_implementation"] == "eager" and record["revision"] is None
+        assert record["precision"] == {"requested": "bf16", "used": "fp32", "student_weights": "float32",
+                                       "teacher_measured": "float32", "teacher_after_training": "float32",
+                                       "device": "cpu"}
+        card = (tmp_path / "README.md").read_text()
+        assert "| precision | fp32 mixed precision (bf16 asked for, not supported here)" in card
+        assert "| attention | eager |" in card
+
+
+class TestValidation:
+    """Issue 26.7: bad options and files named before anything is loaded."""
+
+    @pytest.mark.parametrize("flags,msg", [
+        (["--quant_group_size", "0"], "quant_group_size='0': give a positive number"),
+        (["--quant_group_size", "abc"], "quant_group_size='abc': give a positive number"),
+        (["--quant_weights", "int3"], "quant_weights=.*int3|unsupported weight bit width 'int3'"),
+        (["--degradation", "prune", "--prune_pattern", "3:8:1"], "unsupported pattern '3:8:1'"),
+        (["--degradation", "prune", "--prune_method", "random"], "unsupported method 'random'"),
+    ])
+    def test_degradation_options_checked_when_parsed(self, flags, msg):
+        with pytest.raises(ValueError, match=msg):
+            _recipe_parser().parse_args_and_config(flags)
+
+    def test_non_utf8_txt_names_the_file_and_offset(self, tiny, tmp_path):
+        bad = tmp_path / "latin1.txt"
+        bad.write_bytes("in the beginning god created the heaven ".encode() + "caf\xe9".encode("latin-1"))
+        with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text: the byte at offset 43 \(0xe9\)"):
+            recover(tiny, tmp_path / "out", "--train_file", str(bad))
+
+    def test_empty_text_field_names_the_file(self, tiny, tmp_path, monkeypatch):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text('{"text": ""}\n{"text": "   "}\n')
+        with pytest.raises(ValueError, match=r"train_file=.*empty\.jsonl: the field 'text' is empty in every row"):
+            recover(tiny, tmp_path / "out", "--train_file", str(empty))

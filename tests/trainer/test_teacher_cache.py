@@ -13,7 +13,7 @@ from hf_sdft import SDFTConfig, SDFTTrainer
 from hf_sdft.cli import main
 from hf_sdft.trainer.losses import cached_label_logprobs, distillation_loss, label_logprobs, topk_distillation_loss
 from hf_sdft.trainer.teacher_cache import cache_metadata, cache_teacher, topk_outputs
-from tests.helpers import cpu_args, make_model, perturb
+from tests.helpers import cpu_args, make_model, make_tokenizer, perturb
 from tests.jobs.test_recover import (
     recover,
     tiny,  # noqa: F401  (module fixture)
@@ -156,3 +156,33 @@ def test_cache_teacher_command_then_recover_from_it(tiny, tmp_path, capsys):  # 
     stats, _ = recover(tiny, tmp_path / "out", "--degradation", "prune", "--teacher_cache", str(tmp_path / "cache"))
     assert stats["perplexity"]["recovered"] < stats["perplexity"]["degraded"]
     assert stats["cka"]["mean_after"] is not None
+    meta = json.loads((tmp_path / "cache" / "sdft_cache.json").read_text())
+    assert stats["teacher_cache"] == {"path": "cache", "teacher": "model", "top_k": 8, "temperature": 1.0,
+                                      "tokens": meta["tokens"], "block_size": 32, "data": meta["data"],
+                                      "teacher_weights": meta["teacher_weights"], "tokenizer": meta["tokenizer"]}
+
+
+def test_cache_is_checked_against_the_run(tiny, tmp_path):  # noqa: F811
+    """Issue 26.2: a cache made from another teacher, block size or data, or with a damaged shard, is refused."""
+    common = ["--model_name_or_path", str(tiny / "model"), "--train_file", str(tiny / "train.txt"),
+              "--eval_file", str(tiny / "eval.txt"), "--block_size", "32", "--use_cpu", "true", "--disable_tqdm", "true"]
+    cache = tmp_path / "cache"
+    main(["cache-teacher", *common, "--degradation", "prune", "--top_k", "4", "--output_dir", str(cache)])
+    meta = json.loads((cache / "sdft_cache.json").read_text())
+    assert {"teacher_config", "teacher_weights", "tokenizer", "block_size", "data", "shards"} <= set(meta)
+    flags = ["--degradation", "prune", "--teacher_cache", str(cache), "--max_steps", "1"]
+    with pytest.raises(ValueError, match=r"does not match this run: the block size differs \(block_size: cache 32, "
+                                         r"this run 16\)"):
+        recover(tiny, tmp_path / "a", *flags, "--block_size", "16")
+    other = tmp_path / "other"
+    perturb(make_model()).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    with pytest.raises(ValueError, match="does not match this run: the teacher's weights differ"):
+        recover(tiny, tmp_path / "b", *flags, "--model_name_or_path", str(other))
+    (tiny / "train2.txt").write_text((tiny / "train.txt").read_text()[::-1])
+    with pytest.raises(ValueError, match="does not match this run: the training data differs"):
+        recover(tiny, tmp_path / "c", *flags, "--train_file", str(tiny / "train2.txt"))
+    [shard] = list(cache.glob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"shard {shard.name} is truncated or corrupt"):
+        recover(tiny, tmp_path / "d", *flags)
