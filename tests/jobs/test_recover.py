@@ -342,8 +342,12 @@ def test_recipe_runs_with_its_real_model_settings(tiny, tmp_path, recipe):
     narrow = ["--narrow_train_file", str(tiny / "narrow_train.txt"), "--narrow_eval_file", str(tiny / "narrow_eval.txt"),
               "--forgetting_steps", "2"] if rec.degradation == "forgetting" else []
     default_data = ["--default_data", "text"] if rec.default_data == "chat" else []
+    # the tiny model's layers are 32 / 64 wide and its character tokenizer has no GGUF form (tests/export runs the
+    # deployment recipes' exports on the real models)
+    tiny_fit = ["--quant_group_size", "32"] if rec.quant_group_size.isdigit() and int(rec.quant_group_size) > 32 else []
+    tiny_fit += ["--export_formats", "compressed-tensors"] if rec.export_list else []
     stats, args = recover(tiny, tmp_path, "--config", str(recipe), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                          *narrow, *default_data)
+                          *narrow, *default_data, *tiny_fit)
     assert stats["recovery"]["steps"] == 2 and args.gradient_accumulation_steps == 8 and not args.bf16
     assert stats["recovery"]["tokens_seen"] == 2 * 2 * 8 * 32
 
