@@ -116,17 +116,23 @@ def to_fp16_grid(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(x.dtype)
 
 
-class _Fp16Through(torch.autograd.Function):
-    """Forward: :func:`to_fp16_grid`. Backward: the gradient, unchanged (a learned scale stays a float
-    parameter; the layer computes with its float16 value)."""
+class _Through(torch.autograd.Function):
+    """Forward: ``fn(x)``. Backward: the gradient, unchanged (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return to_fp16_grid(x)
+    def forward(ctx, x, fn):
+        return fn(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
+
+
+def straight_through(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` forward (a rounding onto some grid), identity backward: how every grid here rounds
+    a weight or a learned scale (``torch.round`` for integer codes, :func:`to_fp16_grid` for float16
+    scales, the FP4 grids of :mod:`hf_sdft.compress.fp4`)."""
+    return _Through.apply(x, fn)
 
 
 def code_offset(bits: int) -> int:
@@ -182,18 +188,6 @@ def minmax_scales(weight: torch.Tensor, bits: int, group_size: int | None = None
     return _scales_from(*_bounds(_grouped(weight, group_size), bits, symmetric), bits, ratio, fp16_scales)
 
 
-class _RoundThrough(torch.autograd.Function):
-    """``torch.round`` forward (exact integers), identity backward (the straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def codes_with(weight: torch.Tensor, bits: int, group_size: int | None, scale: torch.Tensor,
                shift: torch.Tensor | None) -> torch.Tensor:
     """Codes of ``weight`` on a given grid, in the grouped layout: ``clamp(round((w + shift) / scale),
@@ -205,7 +199,7 @@ def codes_with(weight: torch.Tensor, bits: int, group_size: int | None, scale: t
     lo, hi = code_range(bits, symmetric=shift is None)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
     x = (grouped if shift is None else grouped + shift) / divisor
-    return torch.clamp(_RoundThrough.apply(x), lo, hi)
+    return torch.clamp(straight_through(torch.round, x), lo, hi)
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None,
@@ -265,7 +259,8 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None
     if scale is None:
         return _StraightThrough.apply(weight, bits, group_size, symmetric, fp16_scales)
     if fp16_scales:
-        scale, shift = _Fp16Through.apply(scale), None if shift is None else _Fp16Through.apply(shift)
+        scale = straight_through(to_fp16_grid, scale)
+        shift = None if shift is None else straight_through(to_fp16_grid, shift)
     return dequantize_weight(codes_with(weight, bits, group_size, scale, shift), scale, shift, weight.shape)
 
 

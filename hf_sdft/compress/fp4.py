@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_sdft.compress.fake_quant import straight_through
+
 FP4_FORMATS = ("nvfp4", "mxfp4")
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -85,19 +87,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, -1.0, 1.0).to(x.dtype) * values[e2m1_codes(x)]
 
 
-class _E2M1Through(torch.autograd.Function):
-    """Forward: :func:`round_e2m1` of an already clamped tensor. Backward: identity."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return round_e2m1(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _Through(torch.autograd.Function):
+class _ValueThrough(torch.autograd.Function):
     """Forward: ``value`` (computed without gradient). Backward: the gradient to ``weight``, unchanged
     (``weight + (value - weight).detach()`` would not return ``value`` bit for bit)."""
 
@@ -116,28 +106,16 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
 
 
-class _E4M3Through(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        s = to_e4m3(x)
-        return torch.where(s == 0, torch.full_like(s, E4M3_EPS), s)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def _e4m3_scale(x: torch.Tensor) -> torch.Tensor:
+    """A block scale on the E4M3 grid, never 0 (``E4M3_EPS`` instead)."""
+    s = to_e4m3(x)
+    return torch.where(s == 0, torch.full_like(s, E4M3_EPS), s)
 
 
-class _Pow2Through(torch.autograd.Function):
-    """Forward: ``2^round(log2 x)`` with ``k`` in E8M0's range. Backward: identity."""
-
-    @staticmethod
-    def forward(ctx, x):
-        k = torch.round(torch.log2(x.clamp(min=2.0**E8M0_MIN))).clamp(E8M0_MIN, E8M0_MAX)
-        return torch.exp2(k).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def _e8m0_scale(x: torch.Tensor) -> torch.Tensor:
+    """``2^round(log2 x)`` with ``k`` in E8M0's range."""
+    k = torch.round(torch.log2(x.clamp(min=2.0**E8M0_MIN))).clamp(E8M0_MIN, E8M0_MAX)
+    return torch.exp2(k).to(x.dtype)
 
 
 def nvfp4_global_scale(weight: torch.Tensor, mode: str = "pow2") -> torch.Tensor:
@@ -186,7 +164,7 @@ def fp4_quantize(weight: torch.Tensor, fmt: str, block_scale: torch.Tensor,
     ``block_scale``); both float32. The value is ``elements * step``."""
     step = block_scale.float() / global_scale.float() if fmt == "nvfp4" else block_scale.float()
     x = weight.float().reshape(-1, BLOCK[fmt]) / step
-    return _E2M1Through.apply(x.clamp(-E2M1_MAX, E2M1_MAX)), step
+    return straight_through(round_e2m1, x.clamp(-E2M1_MAX, E2M1_MAX)), step
 
 
 def fp4_fake_quantize(weight: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None,
@@ -206,9 +184,9 @@ def fp4_fake_quantize(weight: torch.Tensor, fmt: str, global_scale: torch.Tensor
                 block_scale = torch.exp2(mxfp4_exponents(weight, mx_rule))
             elements, step = fp4_quantize(weight, fmt, block_scale, global_scale)
             value = (elements * step).reshape(weight.shape).to(weight.dtype)
-        return _Through.apply(weight, value)  # the grid's values; the gradient straight through, unchanged
+        return _ValueThrough.apply(weight, value)  # the grid's values; the gradient straight through, unchanged
     if held_rounding:
-        block_scale = _E4M3Through.apply(block_scale) if fmt == "nvfp4" else _Pow2Through.apply(block_scale)
+        block_scale = straight_through(_e4m3_scale if fmt == "nvfp4" else _e8m0_scale, block_scale)
     elements, step = fp4_quantize(weight, fmt, block_scale, global_scale)
     return (elements * step).reshape(weight.shape).to(weight.dtype)
 
@@ -289,7 +267,7 @@ class FP4FakeQuantLinear(nn.Linear):
         ``2^k`` (float32, ``(rows * blocks, 1)``)."""
         if self.weight_scale is not None:
             s = self.weight_scale.float()
-            return _E4M3Through.apply(s) if self.fmt == "nvfp4" else _Pow2Through.apply(s)
+            return straight_through(_e4m3_scale if self.fmt == "nvfp4" else _e8m0_scale, s)
         if self.fmt == "nvfp4":
             return nvfp4_block_scales(self.weight, self.weight_global_scale)
         return torch.exp2(mxfp4_exponents(self.weight, self.mx_rule))

@@ -429,7 +429,8 @@ class QuantoDegradation(Degradation):
     def __init__(self, options: QuantoOptions | None = None, **fields):
         super().__init__(options, **fields)
         o = self.options
-        self.weights, self.activations, self.group_size, self.exclude = o.weights, o.activations, o.group_size, o.exclude
+        self.weights, self.activations = o.weights, o.activations
+        self.group_size, self.exclude = o.group_size, o.exclude
         self.clip_search, self.learn_scales = o.clip_search, o.learn_scales
         self.scheme, self.fp16_scales = o.scheme, o.fp16_scales and o.activations is None
         self.effective_group_sizes: dict[str, int | None] = {}
