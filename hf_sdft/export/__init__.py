@@ -64,7 +64,15 @@ def check_format(fmt: str) -> None:
 
 
 def exact_formats(weights: StudentWeights) -> list[str]:
-    return [name for name, module in EXPORT_FORMATS.items() if module.refusal(weights) is None]
+    """The formats that hold ``weights`` exactly."""
+    exact = []
+    for name, module in EXPORT_FORMATS.items():
+        try:
+            if module.refusal(weights) is None:
+                exact.append(name)
+        except ValueError:  # a format that cannot hold this model at all
+            pass
+    return exact
 
 
 def describe_grids(weights: StudentWeights) -> str:
@@ -129,9 +137,7 @@ def export_weights(weights: StudentWeights, fmt: str, output_dir: str | Path, al
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} is a file: give a folder path for the export")
     module = EXPORT_FORMATS[fmt]
-    why = module.refusal(weights)
-    if why is not None and fmt == "gguf" and why.startswith("GGUF export knows"):
-        raise ValueError(why)
+    why = module.refusal(weights)  # raises for what no rounding can fix (e.g. an architecture GGUF lacks)
     if why is not None and any(to_gguf.fp4_weights.is_fp4(e) for e in weights.grids()):  # FP4: never re-rounded
         raise ValueError(f"no exact {fmt} form for this student: {why}. Exact formats for it: "
                          f"{', '.join(exact_formats(weights))}")

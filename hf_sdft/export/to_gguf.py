@@ -58,10 +58,12 @@ def ggml_type(entry: Entry) -> str:
 
 
 def refusal(weights: StudentWeights) -> str | None:
-    """Why the student has no exact GGUF form (None when it has one)."""
+    """Why the student has no exact GGUF form (None when it has one); raises for an architecture
+    this writer does not know, which no re-rounding fixes."""
     model_type = getattr(weights.config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        return f"GGUF export knows the architectures {', '.join(ARCHITECTURES)}, not {model_type!r}"
+        raise ValueError(f"GGUF export knows the architectures {', '.join(ARCHITECTURES)}, not {model_type!r}: "
+                         "export compressed-tensors or dense")
     for entry in weights.grids():
         grid, inp = entry.grid, entry.shape[1]
         if fp4_weights.is_fp4(entry):
