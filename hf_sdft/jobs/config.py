@@ -139,6 +139,13 @@ class RecoveryArguments:
                   "student as hf-sdft saves it), or 'auto': compressed-tensors for a quantized student with an "
                   "exact form there, else dense. Other exported formats go in subfolders."})
 
+    # issue 26 item 8: memory bounded by the batch (hf_sdft.data.pack_arrow)
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the Hub training dataset (dataset_name) instead of downloading it "
+                                 "whole; blocks are packed into Arrow files on disk as they arrive."})
+    max_train_blocks: int | None = field(
+        default=None, metadata={"help": "Cap on training blocks (plain text) or examples (chat): reading stops there."})
+
     # issue 26 item 10: keep the best state (hf_sdft.jobs.best_state)
     keep_best_model: bool = field(
         default=True,
@@ -183,7 +190,7 @@ class RecoveryArguments:
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
 
     def _check_keep_best(self) -> None:
-        for name in ("eval_every_n_steps", "early_stopping_patience"):
+        for name in ("eval_every_n_steps", "early_stopping_patience", "max_train_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be at least 1 (or unset)")
