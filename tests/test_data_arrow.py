@@ -112,3 +112,26 @@ def test_peak_memory_of_the_training_data_does_not_grow_with_the_corpus(tmp_path
         peaks.append(int(peak) / 1024)
     assert blocks[1] > 4 * blocks[0]
     assert peaks[1] - peaks[0] < 100, f"peak RSS {peaks[0]:.0f} MB → {peaks[1]:.0f} MB"
+
+
+def test_the_job_streams_a_dataset_and_caps_its_blocks(tmp_path):
+    """--streaming true / --max_train_blocks through the recovery job's data step and its parser,
+    on a local dataset folder read as a Hub dataset (offline)."""
+    import json
+
+    from hf_sdft.cli import _recipe_parser
+    from hf_sdft.jobs.recovery_data import load_recovery_data
+    from tests.helpers import make_texts
+
+    texts = make_texts(400)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "eval.txt").write_text("\n".join(make_texts(40, seed=2)))
+    rec = _recipe_parser().parse_args_and_config([
+        "--dataset_name", str(tmp_path / "data"), "--streaming", "true", "--max_train_blocks", "6",
+        "--eval_file", str(tmp_path / "eval.txt"), "--block_size", "32"])[0]
+    assert rec.streaming and rec.max_train_blocks == 6
+    data = load_recovery_data(rec, make_tokenizer(), default_model=False)
+    assert data.train["input_ids"] == pack_blocks(make_tokenizer(), texts, 32, 6)["input_ids"]
+    with pytest.raises(ValueError, match="max_train_blocks=0 must be at least 1"):
+        _recipe_parser().parse_args_and_config(["--max_train_blocks", "0"])
