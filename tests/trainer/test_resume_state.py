@@ -60,3 +60,27 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, tokenizer, te
     assert torch.equal(weights(whole.model), weights(resumed.model))
     if settings.get("teacher_model_kind") == "ema":
         assert torch.equal(weights(whole.teacher_model), weights(resumed.teacher_model))
+
+
+def test_recovery_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    """The job end to end (on-policy batches and an EMA teacher, as the recipes set them): the
+    checkpoint at step 2 of a 4-step run, copied into a fresh folder and resumed by a new job (a
+    freshly degraded student), ends with the uninterrupted run's saved weights."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import write_tiny_inputs
+    from tests.jobs.test_recover import recover
+
+    tiny = write_tiny_inputs(tmp_path / "tiny")
+    flags = ["--degradation", "prune", "--max_steps", "4", "--save_steps", "2", "--on_policy_ratio", "0.5",
+             "--max_new_tokens", "4", "--prompt_length", "8", "--kd_loss", "reverse_kl", "--teacher_model_kind", "ema",
+             "--kd_ratio", "0.5", "--learning_rate", "1e-2", "--keep_best_model", "false"]
+    recover(tiny, tmp_path / "whole", *flags)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    stats, _ = recover(tiny, tmp_path / "resumed", *flags)
+    assert stats["recovery"]["steps"] == 4
+    whole, resumed = (AutoModelForCausalLM.from_pretrained(tmp_path / f) for f in ("whole", "resumed"))
+    assert torch.equal(weights(whole), weights(resumed))
