@@ -98,3 +98,16 @@ def test_bad_periods_are_refused(flag):
 
     with pytest.raises(ValueError, match=f"{flag[2:]}=0 must be at least 1"):
         _recipe_parser().parse_args_and_config([flag, "0"])
+
+
+def test_a_lora_student_kept_at_its_start_merges_to_the_degraded_weights(tiny, tmp_path):
+    stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--use_peft", "true", "--lora_r", "4",
+                       "--lora_target_modules", "q_proj", "v_proj", *RUIN, "--learning_rate", "50")
+    from hf_sdft.compress.prune import prune
+
+    degraded = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    prune(degraded, 0.5, "unstructured", "magnitude", None)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert stats["kept"]["step"] == 0 and stats["kept"]["restored"]
+    for (name, p), q in zip(saved.state_dict().items(), degraded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name  # the adapters restored to their start (B = 0): nothing merged in
