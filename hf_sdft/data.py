@@ -144,7 +144,7 @@ def load_examples(
 
 def data_format(ds: Dataset, text_field: str = "text") -> str:
     """``"chat"`` (``messages``, or ``prompt`` + ``completion``) or ``"text"`` (``text_field``)."""
-    columns = ds.column_names
+    columns = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its columns yet
     if "messages" in columns or {"prompt", "completion"} <= set(columns):
         return "chat"
     if text_field in columns:
@@ -377,3 +377,245 @@ def held_out(tokenizer, ds: Dataset, fmt: str, *, block_size: int, max_items: in
         items = tokenize_examples(tokenizer, ds, block_size, max_items)
     probe = items.select(range(min(probe_items, len(items))))
     return HeldOut(as_batches(items, batch_size), probe, tokenize_probe(probe, None, len(probe) * block_size, 8))
+
+
+# --- issue 26 item 8: memory bounded by the batch, not the corpus ---------------------------------
+# Plain text is read, tokenized (a batched, lazy Dataset.map) and packed a batch at a time into an
+# Arrow file in a temporary folder (memory-mapped), never the whole corpus as Python lists, nor a
+# tokenized copy of it; no labels column (pad() derives labels = input_ids). The blocks are those
+# of pack_blocks, in the same order.
+
+PIECE_CHARS = 1 << 15  # a document longer than this is tokenized in pieces where that is exact
+MAP_BATCH = 32  # rows (documents or pieces) tokenized at a time: ~1M characters at most for pieces
+
+
+def _arrow_dir() -> str:
+    """A fresh folder for this process's Arrow files, removed at exit (a fresh one per call: a
+    cache keyed on a file's name would serve stale blocks after the file changed)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="hf-sdft-data-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _fresh() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def splits_at_line_ends(tokenizer) -> bool:
+    """Whether tokenizing a text in pieces cut after a ``\\n`` between two non-space characters gives
+    the whole text's tokens: true for byte-level BPE with the GPT-2 split regex and no prefix space
+    or normalizer (GPT-2, Llama 3, Qwen, the embedded model), whose pre-tokens never cross that point."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    state = json.loads(backend.to_str())
+    pre = state.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    return (state.get("normalizer") is None and len(steps) == 1 and len(byte_level) == 1
+            and not byte_level[0].get("add_prefix_space") and byte_level[0].get("use_regex", True))
+
+
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def document_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` cut after a ``\\n`` between non-space characters into pieces of about ``max_chars``
+    (a piece may be longer where no such point is near). Only for a tokenizer that
+    :func:`splits_at_line_ends`."""
+    start = 0
+    while len(text) - start > max_chars:
+        cut = _CUT.search(text, start + max_chars)
+        if cut is None:
+            break
+        yield text[start:cut.end()]
+        start = cut.end()
+    yield text[start:]
+
+
+def _txt_chunks(path: Path, size: int = 1 << 22) -> Iterator[str]:
+    """The file's text (universal newlines, as ``read_text``) in chunks; a bad byte names the file and offset."""
+    with path.open("rb") as raw:
+        decoder, offset = __import__("codecs").getincrementaldecoder("utf-8")(), 0
+        carry_cr = False
+        while True:
+            data = raw.read(size)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} is not UTF-8 text: bad byte at offset {offset + err.start}") from None
+            offset += len(data)
+            if carry_cr:
+                text = "\r" + text
+            carry_cr = text.endswith("\r") and bool(data)
+            if carry_cr:
+                text = text[:-1]
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def txt_documents(path: str | Path, sample_by: str = "document",
+                  piece_chars: int | None = None) -> Iterator[tuple[str, bool, bool]]:
+    """``(text, first, last)`` pieces of the documents of a ``.txt`` file, as :func:`read_txt` splits
+    them, read in chunks: ``first`` / ``last`` mark a document's first and last piece (a ``document``
+    holds several pieces only when it is read whole otherwise: the file as one document)."""
+    if sample_by not in TXT_SAMPLE_BY:
+        raise ValueError(f"txt_sample_by={sample_by!r}: choose one of {', '.join(TXT_SAMPLE_BY)}")
+    path = Path(path)
+    if sample_by == "document":  # one document: pieces cut where tokenization allows (see pack_arrow)
+        if not piece_chars:
+            text = "".join(_txt_chunks(path))
+            if text.strip():
+                yield text, True, True
+            return
+        buffer, pending, first = "", None, True
+        for chunk in _txt_chunks(path):
+            buffer += chunk
+            while len(buffer) > piece_chars:
+                cut = _CUT.search(buffer, piece_chars)
+                if cut is None or cut.end() >= len(buffer):
+                    break
+                if pending is not None:
+                    yield pending, first, False
+                    first = False
+                pending, buffer = buffer[:cut.end()], buffer[cut.end():]
+        if pending is not None:
+            yield pending, first, False
+            first = False
+        if buffer or not first:
+            yield buffer, first, True
+        return
+    if sample_by == "line":
+        carry = ""
+        for chunk in _txt_chunks(path):
+            lines = (carry + chunk).split("\n")
+            carry = lines.pop()
+            for line in lines:
+                for doc in (line + "\n").splitlines():
+                    if doc.strip():
+                        yield doc, True, True
+        for doc in carry.splitlines():
+            if doc.strip():
+                yield doc, True, True
+        return
+    sep, carry = re.compile(r"\n[ \t]*\n"), ""
+    for chunk in _txt_chunks(path):  # a separator ends before a chunk's last part: parts[:-1] are exact
+        parts = sep.split(carry + chunk)
+        carry = parts.pop()
+        for p in parts:
+            if p.strip("\n").strip():
+                yield p.strip("\n"), True, True
+    if carry.strip("\n").strip():
+        yield carry.strip("\n"), True, True
+
+
+def txt_dataset(path: str | Path, sample_by: str = "document", piece_chars: int | None = None):
+    """A ``.txt`` file's documents (:func:`txt_documents`) as a streaming ``IterableDataset`` read
+    from the file as it is iterated: ``text``, ``first``, ``last`` (one row a document, or a piece
+    of a long document)."""
+    from datasets import Features, IterableDataset, Value
+
+    def rows(path, sample_by):
+        for text, first, last in txt_documents(path, sample_by, piece_chars):
+            yield {"text": text, "first": first, "last": last}
+
+    features = Features({"text": Value("string"), "first": Value("bool"), "last": Value("bool")})
+    return IterableDataset.from_generator(rows, features=features, gen_kwargs={"path": str(path),
+                                                                                 "sample_by": sample_by})
+
+
+def _tokenize_batch(batch: dict, tokenizer, text_field: str, pieces: bool) -> dict:
+    """Batched ``Dataset.map``: each row's tokens as :func:`document_ids` gives them; rows that are
+    pieces of one document (``first`` / ``last`` not both true) get the special tokens only at the
+    document's ends."""
+    texts = batch[text_field]
+    firsts = batch["first"] if pieces else [True] * len(texts)
+    lasts = batch["last"] if pieces else [True] * len(texts)
+    keep = [isinstance(t, str) and (bool(t.strip()) or not (f and l)) for t, f, l in zip(texts, firsts, lasts)]
+    whole = tokenizer([t if k else "" for t, k in zip(texts, keep)])["input_ids"]
+    bare = tokenizer([t if k else "" for t, k in zip(texts, keep)], add_special_tokens=False)["input_ids"] \
+        if pieces and not all(firsts) or pieces and not all(lasts) else whole
+    frame_with, frame_bare = tokenizer("x")["input_ids"], tokenizer("x", add_special_tokens=False)["input_ids"]
+    start = frame_with.index(frame_bare[0]) if frame_bare and frame_bare[0] in frame_with else 0
+    prefix, suffix = frame_with[:start], frame_with[start + len(frame_bare):]
+    eos = tokenizer.eos_token_id
+    out = []
+    for k, w, b, first, last in zip(keep, whole, bare, firsts, lasts):
+        if not k:
+            out.append([])
+            continue
+        ids = list(w) if first and last else (prefix if first else []) + list(b) + (suffix if last else [])
+        if last and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out.append(ids)
+    return {"ids": out}
+
+
+def _blocks(tokenized, block_size: int, max_blocks: int | None, batch_size: int = MAP_BATCH):
+    """Rows ``{"input_ids", "attention_mask"}`` of ``block_size`` tokens cut from the documents'
+    concatenated tokens, reading ``tokenized`` (rows with ``ids``) a batch at a time."""
+    carry = np.zeros(0, dtype=np.int64)
+    n = 0
+    ones = [1] * block_size
+    rows = tokenized.iter(batch_size=batch_size) if hasattr(tokenized, "iter") else tokenized
+    for batch in rows:
+        lists = batch["ids"] if isinstance(batch, dict) else [batch]
+        flat = [t for ids in lists for t in ids]
+        carry = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
+        full = len(carry) // block_size
+        for i in range(full):
+            yield {"input_ids": carry[i * block_size:(i + 1) * block_size].tolist(), "attention_mask": ones}
+            n += 1
+            if max_blocks is not None and n >= max_blocks:
+                return
+        carry = carry[full * block_size:]
+
+
+def pack_arrow(tokenizer, ds, block_size: int, max_blocks: int | None = None, text_field: str = "text") -> Dataset:
+    """:func:`pack_blocks`' blocks, in its order, built a batch at a time into Arrow files on disk
+    (memory-mapped): documents tokenized by a batched ``Dataset.map``, packed by a generator.
+    ``ds``: a Dataset or a streaming IterableDataset with ``text_field`` (and ``first`` / ``last``
+    from :func:`txt_dataset`). Rows hold ``input_ids`` and ``attention_mask``; no ``labels``
+    column (the collator :func:`pad` sets labels = input_ids)."""
+    from datasets import Features, Sequence, Value
+
+    columns = getattr(ds, "column_names", None) or list(next(iter(ds)).keys())
+    pieces = {"first", "last"} <= set(columns)
+    kwargs = dict(batched=True, batch_size=MAP_BATCH, remove_columns=columns,
+                  fn_kwargs={"tokenizer": tokenizer, "text_field": text_field, "pieces": pieces})
+    if isinstance(ds, Dataset):  # tokenized lazily, batch by batch: no tokenized copy of the corpus on disk
+        ds = ds.to_iterable_dataset()
+    tokenized = ds.map(_tokenize_batch, **kwargs)
+    features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int8"))})
+
+    def gen():  # a fresh folder and fingerprint: never a stale cache
+        yield from _blocks(tokenized, block_size, max_blocks)
+
+    out = Dataset.from_generator(gen, features=features, cache_dir=_arrow_dir(), fingerprint=_fresh())
+    if len(out) == 0:
+        raise ValueError(f"the text holds too few tokens: not enough for one block of {block_size}")
+    return out
+
+
+def train_examples(*, dataset_name=None, dataset_config_name=None, data_file=None, split="train",
+                   txt_sample_by="document", streaming=False, piece_chars=None):
+    """:func:`load_examples` for training data, never whole in memory: a ``.txt`` file as
+    :func:`txt_dataset` (Arrow on disk), a Hub dataset streamed when ``streaming``; other files as
+    ``datasets`` reads them (Arrow, memory-mapped)."""
+    if data_file is not None and Path(data_file).suffix == ".txt" and Path(data_file).is_file():
+        if Path(data_file).stat().st_size == 0:
+            raise ValueError(f"data file {data_file} is empty: give a file that holds text")
+        return txt_dataset(data_file, txt_sample_by, piece_chars)
+    if data_file is None and dataset_name is not None and streaming:
+        return load_dataset(dataset_name, dataset_config_name, split=split, streaming=True)
+    return load_examples(dataset_name=dataset_name, dataset_config_name=dataset_config_name, data_file=data_file,
+                         split=split, txt_sample_by=txt_sample_by)

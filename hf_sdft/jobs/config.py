@@ -147,6 +147,25 @@ class RecoveryArguments:
                   "Without it such a folder is refused (naming the differing settings); a folder of this same "
                   "run is resumed, or left as it is when complete."})
 
+    # issue 26 item 8: memory bounded by the batch (hf_sdft.data.pack_arrow)
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the Hub training dataset (dataset_name) instead of downloading it "
+                                 "whole; blocks are packed into Arrow files on disk as they arrive."})
+    max_train_blocks: int | None = field(
+        default=None, metadata={"help": "Cap on training blocks (plain text) or examples (chat): reading stops there."})
+
+    # issue 26 item 10: keep the best state (hf_sdft.jobs.best_state)
+    keep_best_model: bool = field(
+        default=True,
+        metadata={"help": "Measure held-out perplexity at step 0 and every eval_every_n_steps, and hand back the "
+                  "state with the lowest one, the degraded start included (masks and quantization grids intact)."})
+    eval_every_n_steps: int | None = field(
+        default=None, metadata={"help": "Held-out perplexity period (steps) for keep_best_model and "
+                                "early_stopping_patience; unset: at every checkpoint (save_steps), and the last step."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop training after this many held-out evaluations without a lower "
+                                "perplexity than the best so far."})
+
     def __post_init__(self):
         choices = {"degradation": DEGRADATION_KINDS, "forgetting_mode": FORGETTING_MODES,
                    "txt_sample_by": TXT_SAMPLE_BY, "default_data": tuple(DEFAULT_SPLITS)}
@@ -174,6 +193,7 @@ class RecoveryArguments:
                 and self.degradation == "quanto":
             raise ValueError("block_reconstruction needs weight-only quantization (FakeQuantLinear): quantized "
                              "activations (quant_activations) have no straight-through gradient here")
+        self._check_keep_best()
         if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
         self.check_degradation_options()
@@ -192,6 +212,12 @@ class RecoveryArguments:
             except ValueError as err:
                 prefix = DEGRADATION_PREFIXES[self.degradation]
                 raise ValueError(f"{self.degradation} options ({prefix}_*): {err}") from None
+
+    def _check_keep_best(self) -> None:
+        for name in ("eval_every_n_steps", "early_stopping_patience", "max_train_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1 (or unset)")
 
     @property
     def export_list(self) -> list[str]:

@@ -30,6 +30,7 @@ from hf_sdft.compress.reconstruct import reconstruct_blocks
 from hf_sdft.data import DEFAULT_SPLITS, default_data_file, default_model_path, load_examples, tokenize_examples
 from hf_sdft.distributed import progress_disabled, wait_for_everyone
 from hf_sdft.export import exact_formats, read_student
+from hf_sdft.jobs.best_state import add_kept, bind_keep_best, keep_best_callbacks
 from hf_sdft.jobs.cards import STATS_FILE, push_recovered, write_card
 from hf_sdft.jobs.config import RecoveryArguments
 from hf_sdft.jobs.evaluation import measure
@@ -167,12 +168,14 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
     measured_against = teacher if rec.teacher_cache or args.teacher_model_kind == "ema" else None  # else the trainer's
     callbacks = [CKACallback(data.eval.probe, teacher_model=measured_against, every_n_steps=rec.cka_every_n_steps,
                              max_tokens=len(data.eval.probe) * rec.block_size), *student.callbacks(),
-                 FingerprintCallback(args.output_dir)]
+                 FingerprintCallback(args.output_dir),
+                 *keep_best_callbacks(rec, args, data.eval.batches)]  # last: measures the masked student
     train_data = load_teacher_cache(rec, original) if rec.teacher_cache else data.train
     # the recovered student (with its card) is pushed once at the end, never the checkpoints; the
     # trainer's args have no token: each checkpoint pickles them (training_args.bin)
     trainer = make_trainer(student.model, dataclasses.replace(args, push_to_hub=False, hub_token=None),
                            None if rec.teacher_cache else teacher, train_data, original.tokenizer, data.fmt, callbacks)
+    bind_keep_best(trainer)
     train_or_load(trainer, resume_checkpoint(args), args)
     trainer.save_state()  # trainer_state.json next to the model: loss curves for the card
     finish_training(student, lora_added)
@@ -291,6 +294,7 @@ def run_recovery(rec: RecoveryArguments, args: SDFTConfig, model_args) -> dict:
     stats["model"] = model_record(original.revision, model_args, args, teacher_dtypes)
     if rec.teacher_cache:
         stats["teacher_cache"] = cache_record(rec)
+    add_kept(stats, trainer)
     portable_paths(stats, original.path)
     if blocks is not None:
         stats["block_reconstruction"] = blocks

@@ -9,6 +9,7 @@ from datasets import Dataset
 
 from hf_sdft.data import (
     DEFAULT_SPLITS,
+    PIECE_CHARS,
     HeldOut,
     as_batches,
     data_format,
@@ -16,9 +17,10 @@ from hf_sdft.data import (
     held_out,
     load_examples,
     model_inputs,
-    pack_blocks,
-    texts_of,
+    pack_arrow,
+    splits_at_line_ends,
     tokenize_examples,
+    train_examples,
 )
 
 
@@ -53,6 +55,11 @@ def load_recovery_data(rec, tokenizer, default_model: bool, teacher_template: st
                 )
             data_file = default_data_file(defaults[role])
         split = rec.dataset_test_split if role.endswith("eval") else rec.dataset_train_split
+        if role.endswith("train"):  # read as Arrow files / a stream: never whole in memory
+            return train_examples(dataset_name=dataset_name, dataset_config_name=rec.dataset_config_name,
+                                  data_file=data_file, split=split, txt_sample_by=rec.txt_sample_by,
+                                  streaming=rec.streaming and dataset_name is not None,
+                                  piece_chars=PIECE_CHARS if splits_at_line_ends(tokenizer) else None)
         return load_examples(dataset_name=dataset_name, dataset_config_name=rec.dataset_config_name,
                              data_file=data_file, split=split, txt_sample_by=rec.txt_sample_by)
 
@@ -62,8 +69,8 @@ def load_recovery_data(rec, tokenizer, default_model: bool, teacher_template: st
                             probe_items=rec.probe_blocks, text_field=rec.dataset_text_field,
                             batch_size=rec.eval_batch_size)
         if fmt == "text":
-            return pack_blocks(tokenizer, texts_of(ds, rec.dataset_text_field), rec.block_size)
-        return tokenize_examples(tokenizer, ds, rec.block_size, teacher_template=teacher_template)
+            return pack_arrow(tokenizer, ds, rec.block_size, rec.max_train_blocks, rec.dataset_text_field)
+        return tokenize_examples(tokenizer, ds, rec.block_size, rec.max_train_blocks, teacher_template=teacher_template)
 
     def pair(prefix: str, dataset_name: str | None) -> tuple:
         """(train, held-out) of one task, checked to share a format before any tokenization."""

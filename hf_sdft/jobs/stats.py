@@ -112,6 +112,7 @@ def format_table(stats: dict) -> str:
         ("degraded perplexity", f"{ppl['degraded']:.3f}"),
         *([("after block reconstruction", f"{ppl['after_blocks']:.3f}")] if "after_blocks" in ppl else []),
         ("recovered perplexity", f"{ppl['recovered']:.3f}"),
+        *kept_rows(stats),
         ("recovery ratio R", "n/a (nothing lost)" if r is None else f"{r:.3f}"),
         ("mean CKA before", f"{cka['mean_before']:.4f}"),
         ("mean CKA after", f"{cka['mean_after']:.4f}"),
@@ -128,6 +129,14 @@ def format_table(stats: dict) -> str:
     lines = [f"hf-sdft recovery — {kind} {json.dumps(_brief(details))}"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def kept_rows(stats: dict) -> list[tuple[str, str]]:
+    """The table's line on the state handed back (``stats["kept"]``, :mod:`hf_sdft.jobs.best_state`)."""
+    kept = stats.get("kept")
+    if not kept:
+        return []
+    return [("kept state", f"step {kept['step']} of {kept['last_step']}: {kept['reason']}")]
 
 
 def _brief(details: dict) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 from trl import SFTTrainer
 
@@ -175,6 +178,55 @@ class SDFTMixin:
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CKACallback):  # it measures against this trainer's teacher
                 cb.bind(self)
+        self._resumed_from = None
+        if self.on_policy is not None or self.args.teacher_model_kind == "ema":
+            self.add_callback(ResumeStateCallback(self))  # what a checkpoint must carry besides the Trainer's own
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The Trainer's ``train``, remembering the checkpoint it resumes from (for
+        :class:`ResumeStateCallback`: the EMA teacher and the on-policy sampler's random state)."""
+        resume = resume_from_checkpoint
+        if resume is True or (isinstance(resume, str) and resume == "True"):
+            resume = get_last_checkpoint(self.args.output_dir)
+        self._resumed_from = resume or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_resume_state(self, folder: str) -> None:
+        """Write into checkpoint ``folder`` what the Trainer does not save: the EMA teacher's weights
+        (``ema_teacher.safetensors``) and the on-policy sampler's random state (``on_policy_sampler.json``)."""
+        if not self.args.should_save or not os.path.isdir(folder):
+            return
+        if self.args.teacher_model_kind == "ema" and self.teacher_model is not None:
+            from safetensors.torch import save_model
+
+            save_model(unwrap(self.teacher_model), os.path.join(folder, EMA_TEACHER_FILE))
+        if self.on_policy is not None:
+            version, internal, gauss = self.on_policy.rng.getstate()
+            with open(os.path.join(folder, SAMPLER_STATE_FILE), "w") as f:
+                json.dump({"version": version, "state": list(internal), "gauss_next": gauss}, f)
+
+    def load_resume_state(self, folder: str) -> None:
+        """Restore what :meth:`save_resume_state` wrote into ``folder``; a checkpoint written without it
+        (an older hf-sdft) is resumed with a warning: the EMA teacher restarts from the student and
+        the sampler from the seed."""
+        if self.args.teacher_model_kind == "ema" and self.teacher_model is not None:
+            path = os.path.join(folder, EMA_TEACHER_FILE)
+            if os.path.isfile(path):
+                from safetensors.torch import load_model
+
+                load_model(unwrap(self.teacher_model), path)
+            else:
+                logger.warning(f"{folder} holds no {EMA_TEACHER_FILE}: the EMA teacher restarts from the resumed "
+                               "student, so the run differs from an uninterrupted one")
+        if self.on_policy is not None:
+            path = os.path.join(folder, SAMPLER_STATE_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                self.on_policy.rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss_next"]))
+            else:
+                logger.warning(f"{folder} holds no {SAMPLER_STATE_FILE}: the on-policy draws restart from the seed, "
+                               "so the run differs from an uninterrupted one")
 
     @staticmethod
     def _cache_inputs(kwargs: dict, args, model) -> dict:
@@ -483,6 +535,26 @@ class SDFTMixin:
             tags = kwargs.get("tags") or []
             kwargs["tags"] = sorted({*([tags] if isinstance(tags, str) else tags), *self._tag_names})
         super().create_model_card(*args, **kwargs)
+
+
+EMA_TEACHER_FILE = "ema_teacher.safetensors"
+SAMPLER_STATE_FILE = "on_policy_sampler.json"
+
+
+class ResumeStateCallback(TrainerCallback):
+    """Saves the trainer's EMA teacher and on-policy sampler state into every checkpoint (``on_save``)
+    and restores them when training resumes from one (``on_train_begin``, after the Trainer loaded
+    the student's weights, optimizer and RNG states)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.save_resume_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer._resumed_from:
+            self.trainer.load_resume_state(str(self.trainer._resumed_from))
 
 
 class EMATeacherCallback(TrainerCallback):
