@@ -41,13 +41,12 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def weights_args(bits: int, group_size: int | None) -> dict:
-    """The ``weights`` entry of a config group: compressed-tensors' ``QuantizationArgs`` fields
-    (``group_size`` None: one scale per output channel)."""
+    """The ``weights`` entry of a config group: the ``QuantizationArgs`` fields compressed-tensors
+    itself writes (the rest take the library's defaults when read; ``group_size`` None: one scale per
+    output channel)."""
     channel = group_size is None
-    return {"actorder": None, "block_structure": None, "dynamic": False,
-            "group_size": None if channel else group_size, "num_bits": bits, "observer": "minmax",
-            "observer_kwargs": {}, "scale_dtype": None, "strategy": "channel" if channel else "group",
-            "symmetric": True, "type": "int", "zp_dtype": None}
+    return {"dynamic": False, "group_size": None if channel else group_size, "num_bits": bits,
+            "strategy": "channel" if channel else "group", "symmetric": True, "type": "int"}
 
 
 def quantization_config(weights: StudentWeights) -> dict:

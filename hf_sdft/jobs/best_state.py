@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from hf_sdft.distributed import wait_for_everyone
+from hf_sdft.jobs.evaluation import perplexity
 from hf_sdft.modeling import unwrap
 
 logger = logging.get_logger(__name__)
@@ -100,8 +101,6 @@ class KeepBestCallback(TrainerCallback):
     def _evaluate(self, args, state, control, model) -> None:
         if any(step == state.global_step for step, _ in self.history(state)):
             return  # measured at this step already (a resume from a checkpoint taken here)
-        from hf_sdft.jobs.evaluation import perplexity  # the job's measure; imported late (no cycle)
-
         ppl = perplexity(model, self.batches)
         logs = {PPL_KEY: ppl}
         if self.trainer is not None:
@@ -175,9 +174,8 @@ class KeepBestCallback(TrainerCallback):
                         "reason": why, "early_stopped_at": self.stopped_early_at,
                         "history": [{"step": s, "perplexity": p} for s, p in history]}
         logger.warning(f"kept step {kept_step}: {why}")
-        wait_for_everyone()
-        if args.should_save:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        # the kept state's file stays until the job's outputs are in place (drop_kept_states): a
+        # crash while saving is re-run from the last checkpoint, and restores it again (finish_loaded)
 
 
 def keep_best_callbacks(rec, args, batches) -> list[KeepBestCallback]:
@@ -188,14 +186,32 @@ def keep_best_callbacks(rec, args, batches) -> list[KeepBestCallback]:
         rec.eval_every_n_steps, args), patience=rec.early_stopping_patience, restore=rec.keep_best_model)]
 
 
+def _keep_best(trainer) -> KeepBestCallback | None:
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KeepBestCallback)] if trainer else []
+    return found[0] if found else None
+
+
 def bind_keep_best(trainer) -> None:
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, KeepBestCallback):
-            cb.bind(trainer)
+    if (cb := _keep_best(trainer)) is not None:
+        cb.bind(trainer)
+
+
+def finish_loaded(trainer) -> None:
+    """A checkpoint already at the last step, loaded instead of trained (a run that crashed while
+    saving): the kept state is restored as at the end of training."""
+    if (cb := _keep_best(trainer)) is not None:
+        model = trainer.model
+        cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+        cb.on_train_end(trainer.args, trainer.state, trainer.control, model=model)
+
+
+def drop_kept_states(output_dir: str | Path) -> None:
+    """Delete the kept states (``output_dir/best_state``) once the job's outputs are in place."""
+    shutil.rmtree(Path(output_dir) / BEST_DIR, ignore_errors=True)
 
 
 def add_kept(stats: dict, trainer) -> None:
     """``stats["kept"]``: which step's state the job hands back and why (see :class:`KeepBestCallback`)."""
-    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KeepBestCallback)] if trainer else []
-    if found and found[0].summary is not None:
-        stats["kept"] = found[0].summary | {"keep_best_model": found[0].restore}
+    cb = _keep_best(trainer)
+    if cb is not None and cb.summary is not None:
+        stats["kept"] = cb.summary | {"keep_best_model": cb.restore}

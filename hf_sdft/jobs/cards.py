@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from fnmatch import fnmatch
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from hf_sdft.data import default_model_path
 from hf_sdft.jobs.cards import STATS_FILE
 
 logger = logging.get_logger(__name__)
@@ -94,8 +95,6 @@ def model_signature(name_or_path: str | None) -> dict | str | None:
     """What identifies a model cheaply: a Hub id as given; a local folder by its config's hash and
     its weight files' names and sizes (the embedded default model for None)."""
     if name_or_path is None:
-        from hf_sdft.data import default_model_path
-
         name_or_path = default_model_path()
     folder = Path(name_or_path)
     if not folder.is_dir():

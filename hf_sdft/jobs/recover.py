@@ -27,16 +27,29 @@ from transformers.utils import logging
 
 from hf_sdft.cka.callback import CKACallback
 from hf_sdft.compress.reconstruct import reconstruct_blocks
-from hf_sdft.data import DEFAULT_SPLITS, default_data_file, default_model_path, load_examples, tokenize_examples
+from hf_sdft.data import (
+    DEFAULT_SPLITS,
+    default_data_file,
+    default_model_path,
+    load_examples,
+    texts_of,
+    tokenize_examples,
+)
 from hf_sdft.distributed import progress_disabled, wait_for_everyone
 from hf_sdft.export import exact_formats, read_student
-from hf_sdft.jobs.best_state import add_kept, bind_keep_best, keep_best_callbacks
+from hf_sdft.jobs.best_state import add_kept, bind_keep_best, drop_kept_states, finish_loaded, keep_best_callbacks
 from hf_sdft.jobs.cards import STATS_FILE, push_recovered, write_card
 from hf_sdft.jobs.config import RecoveryArguments
 from hf_sdft.jobs.evaluation import measure
 from hf_sdft.jobs.export import export_recovered
-from hf_sdft.jobs.outputs import (FingerprintCallback, RunFolder, matching_checkpoint, prepare_output_dir, staged_outputs,
-                                  write_json)
+from hf_sdft.jobs.outputs import (
+    FingerprintCallback,
+    RunFolder,
+    matching_checkpoint,
+    prepare_output_dir,
+    staged_outputs,
+    write_json,
+)
 from hf_sdft.jobs.recovery_data import RecoveryData, load_recovery_data
 from hf_sdft.jobs.rewrite import RewriteArguments, rewrite_file
 from hf_sdft.jobs.sft import make_trainer, sft_on_narrow
@@ -44,6 +57,7 @@ from hf_sdft.jobs.stats import build_stats, downstream_scores, model_record, por
 from hf_sdft.jobs.student import Student, add_lora, finish_training, own_student, save_student
 from hf_sdft.modeling import from_pretrained, model_folder
 from hf_sdft.trainer.config import SDFTConfig
+from hf_sdft.trainer.teacher_cache import teacher_identity, verify_cache
 
 logger = logging.get_logger(__name__)
 
@@ -114,7 +128,6 @@ def name_empty_data_file(rec: RecoveryArguments, err: ValueError) -> ValueError:
     not by file)."""
     if "holds no text" not in str(err):
         return err
-    from hf_sdft.data import load_examples, texts_of
 
     for name in ("train_file", "eval_file", "narrow_train_file", "narrow_eval_file"):
         path = getattr(rec, name)
@@ -185,7 +198,6 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
 def load_teacher_cache(rec: RecoveryArguments, original: Original):
     """The teacher cache, once checked against this run (teacher config and weights, tokenizer,
     block size, training data, intact shards: :func:`~hf_sdft.trainer.teacher_cache.verify_cache`)."""
-    from hf_sdft.trainer.teacher_cache import teacher_identity, verify_cache
 
     verify_cache(rec.teacher_cache, teacher_identity(original.model, original.tokenizer, original.data.train,
                                                      rec.block_size))
@@ -214,6 +226,7 @@ def train_or_load(trainer, resume: str | None, args: SDFTConfig) -> None:
                            "its weights are loaded and saved")
             trainer._load_from_checkpoint(resume)
             trainer.state = state
+            finish_loaded(trainer)
             return
     trainer.train(resume_from_checkpoint=resume)
 
@@ -328,6 +341,7 @@ def save_outputs(student: Student, original: Original, rec: RecoveryArguments, a
         if not args.push_to_hub:
             write_card(staging, shown_as=out)
     run.record(complete=True)
+    drop_kept_states(out)
     return hub_format
 
 

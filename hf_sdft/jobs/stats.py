@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from hf_sdft.cka.measure import cka_history
+from hf_sdft.data import default_model_path
 from hf_sdft.jobs.downstream import evaluate_tasks
 from hf_sdft.jobs.evaluation import recovery_ratio
 
@@ -82,10 +84,6 @@ def portable_paths(stats: dict, model_path: str) -> None:
     """Local paths in ``stats`` replaced by base names (a Hub id stays): the stats are uploaded with
     the model. What the card needs from a local base (is it the embedded model, its license) is
     kept beside it."""
-    from pathlib import Path
-
-    from hf_sdft.data import default_model_path
-
     base = Path(model_path).expanduser()
     if base.is_dir():
         stats["base_model"] = base.name

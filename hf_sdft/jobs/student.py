@@ -21,6 +21,7 @@ from hf_sdft.compress.fp4_student import is_fp4_model
 from hf_sdft.compress.prune import PruneDegradation, masks_from_zeros, merge_lora
 from hf_sdft.compress.quantize import quantization_summary, save_quantized, thaw_quantized, to_quanto
 from hf_sdft.export.fp4_checkpoint import is_fp4_folder, load_fp4, save_fp4
+from hf_sdft.jobs.outputs import MODEL_OUTPUTS, remove_entries
 from hf_sdft.modeling import check_vocabularies, is_peft, model_folder, num_layers, output_vocab_size, unwrap
 
 
@@ -147,8 +148,6 @@ def finish_training(student: Student, lora_added: bool) -> None:
 def clear_saved_model(folder: Path, keep: Path | None = None) -> None:
     """Delete the model files of any format (:data:`~hf_sdft.jobs.outputs.MODEL_OUTPUTS`) from
     ``folder``, but ``keep`` (a quantized base being saved there)."""
-    from hf_sdft.jobs.outputs import MODEL_OUTPUTS, remove_entries
-
     if folder.is_dir():
         remove_entries(folder, MODEL_OUTPUTS, keep=keep)
 

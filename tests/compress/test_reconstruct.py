@@ -159,7 +159,7 @@ def test_refuses_peft_students_and_quantized_activations():
 
 def test_recovery_job_runs_the_phase_and_skips_it_on_resume(tiny, tmp_path):  # noqa: F811
     flags = ("--quant_weights", "int2", "--quant_group_size", "channel", "--block_reconstruction", "true",
-             "--block_reconstruction_steps", "4", "--block_reconstruction_lr", "1e-2", "--calibration_blocks", "8")
+             "--block_reconstruction_steps", "4", "--block_reconstruction_lr", "3e-3", "--calibration_blocks", "8")
     stats, _ = recover(tiny, tmp_path, *flags, "--max_steps", "4")
     saved = json.loads((tmp_path / STATS_FILE).read_text())
     blocks = saved["block_reconstruction"]
@@ -169,7 +169,9 @@ def test_recovery_job_runs_the_phase_and_skips_it_on_resume(tiny, tmp_path):  # 
     ppl = saved["perplexity"]
     assert f"after block reconstruction  {ppl['after_blocks']:.3f}" in format_table(saved)
     assert ppl["after_blocks"] != ppl["degraded"] and "mean_after_blocks" in saved["cka"]
-    resumed, _ = recover(tiny, tmp_path, *flags, "--max_steps", "8")
+    # a longer run resumed from the first one's checkpoint (explicitly: its settings differ)
+    resumed, _ = recover(tiny, tmp_path / "longer", *flags, "--max_steps", "8",
+                         "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
     assert resumed["block_reconstruction"] == {"ran": False, "skipped": "resumed from checkpoint-4"}
     assert "after_blocks" not in resumed["perplexity"] and resumed["recovery"]["steps"] == 8
 

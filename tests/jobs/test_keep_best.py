@@ -111,3 +111,23 @@ def test_a_lora_student_kept_at_its_start_merges_to_the_degraded_weights(tiny, t
     assert stats["kept"]["step"] == 0 and stats["kept"]["restored"]
     for (name, p), q in zip(saved.state_dict().items(), degraded.state_dict().values(), strict=True):
         assert torch.equal(p, q), name  # the adapters restored to their start (B = 0): nothing merged in
+
+
+def test_a_crash_while_saving_still_hands_back_the_kept_state(tiny, tmp_path, monkeypatch):
+    """Training finished, then saving failed: the re-run loads the last checkpoint without training
+    again, and must still hand back the kept state (here the start), not the last step's."""
+    import hf_sdft.jobs.recover as job
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    flags = ("--quant_weights", "int8", "--quant_group_size", "channel", *RUIN)
+    monkeypatch.setattr(job, "write_card", crash)
+    with pytest.raises(OSError, match="disk full"):
+        recover(tiny, tmp_path, *flags)
+    monkeypatch.undo()
+    stats, _ = recover(tiny, tmp_path, *flags)
+    assert stats["kept"]["step"] == 0 and stats["kept"]["restored"] and stats["recovery"]["steps"] == 4
+    saved = perplexity(load_quantized(tmp_path), held_out(tiny))
+    assert saved == pytest.approx(stats["perplexity"]["degraded"], rel=1e-6)
+    assert not (tmp_path / "best_state").exists()

@@ -90,14 +90,14 @@ def test_trainers_load_models_by_name_as_use_kernels_says(tiny, tmp_path, use_ke
     assert sft.model_init_kwargs is None  # the caller's arguments are left as they were
 
 
-def run_job_offline(tmp_path, *flags) -> subprocess.CompletedProcess:
+def run_job_offline(tmp_path, *flags, out: str = "out") -> subprocess.CompletedProcess:
     """``hf-sdft recover`` on the embedded default model, offline with an empty Hub and kernels
     cache, Hub kernels allowed by the environment, and CPU mapped to CUDA's kernels."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "USE_HUB_KERNELS": "1", "DISABLE_KERNEL_MAPPING": "0",
                         "HF_HUB_CACHE": str(tmp_path / "hub"), "KERNELS_CACHE": str(tmp_path / "kernels"),
                         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = CPU_AS_CUDA + "from hf_sdft.cli import main\nmain()\n"
-    argv = ["recover", "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--max_eval_blocks", "16",
+    argv = ["recover", "--output_dir", str(tmp_path / out), "--max_steps", "2", "--max_eval_blocks", "16",
             "--probe_blocks", "4", "--cka_every_n_steps", "2", "--save_strategy", "no", "--disable_tqdm", "true",
             *flags]
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -110,5 +110,5 @@ def test_recover_job_runs_offline_where_transformers_would_fetch_kernels(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "sdft_stats.json").is_file()
     # the same job with kernels on reaches for the Hub, and fails offline: what the default avoids
-    proc = run_job_offline(tmp_path, "--use_kernels", "true")
+    proc = run_job_offline(tmp_path, "--use_kernels", "true", out="with-kernels")
     assert proc.returncode != 0 and "kernels-community/" in proc.stderr and "offline" in proc.stderr, proc.stderr[-3000:]

@@ -104,7 +104,8 @@ def test_sparsegpt_recovery_keeps_the_masks_it_made(tiny, tmp_path, pattern):
     from hf_sdft.jobs.recovery_data import load_recovery_data
 
     stats, _ = recover(tiny, tmp_path, "--degradation", "prune", "--prune_pattern", pattern,
-                       "--prune_method", "sparsegpt", "--learning_rate", "1e-2")
+                       "--prune_method", "sparsegpt", "--learning_rate", "1e-2",
+                       "--keep_best_model", "false")  # the trained weights, even where the start was better
     assert stats["degradation"]["method"] == "sparsegpt" and stats["degradation"]["measured_sparsity"] == 0.5
     rec = RecoveryArguments(train_file=str(tiny / "train.txt"), eval_file=str(tiny / "eval.txt"), block_size=32)
     calibration = load_recovery_data(rec, make_tokenizer(), default_model=False).calibration(rec.calibration_blocks)
@@ -513,11 +514,13 @@ class TestAtomicOutputs:
         with pytest.raises(OSError, match="disk full"):
             recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")
         left = sorted(p.name for p in tmp_path.iterdir())
-        assert left == ["checkpoint-2", "run_fingerprint.json", "trainer_state.json"]  # no model, stats or card
+        # no model, stats or card; the kept state stays until the outputs are in place
+        assert left == ["best_state", "checkpoint-2", "run_fingerprint.json", "trainer_state.json"]
         assert not json.loads((tmp_path / "run_fingerprint.json").read_text())["complete"]
         monkeypatch.undo()
         stats, _ = recover(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2")  # resumes, saves
         assert stats["recovery"]["steps"] == 2 and (tmp_path / "README.md").is_file()
+        assert not (tmp_path / "best_state").exists()
 
     @pytest.mark.parametrize("where", ["file", "under_a_file"])
     def test_output_dir_is_checked_before_loading(self, tiny, tmp_path, monkeypatch, where):

@@ -399,7 +399,7 @@ def test_triton_chunk_kernel_equals_the_pytorch_chunk(device):
 
 
 class LossMatmuls(TorchDispatchMode):
-    """Input dtypes of the matmuls that hf_sdft/trainer/losses.py runs."""
+    """Input dtypes of the matmuls that the fused loss (hf_sdft/trainer/fused.py) runs."""
 
     def __init__(self):
         super().__init__()
@@ -407,7 +407,7 @@ class LossMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in RecordDtypes.MATMULS and any(
-                f.filename.endswith("hf_sdft/trainer/losses.py") for f in traceback.extract_stack()):
+                f.filename.endswith("hf_sdft/trainer/fused.py") for f in traceback.extract_stack()):
             self.dtypes.add(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
         return func(*args, **(kwargs or {}))
 
