@@ -13,8 +13,10 @@ int8 (symmetric), per channel or 32·k     Q8_0     ``q · d``
 
 A group of 64, 128 or a whole row repeats its scale over its blocks of 32. ``d`` and ``m`` are
 float16 in GGUF: exact only for students trained with ``quant_fp16_scales`` (the default). int2 is
-stored inside 4-bit blocks: exact, but no smaller than int4. Every other tensor is written in the
-student's float dtype (F32 for hf-sdft's students), so that nothing is rounded.
+stored inside 4-bit blocks: exact, but no smaller than int4. Every other matrix is written in the
+student's float dtype (F32 for hf-sdft's students), so that nothing is rounded; vectors (norms,
+biases) always in F32, as llama.cpp's converter does: its CPU adds and multiplies them into float32
+activations and has no F16 / BF16 operand there (the upcast is exact).
 
 llama.cpp computes ``d · q (+ m)`` in float32 as the student does; its CPU matmuls quantize the
 *activations* to 8 bits, so its perplexity matches the student's closely, not bit for bit.
@@ -49,7 +51,7 @@ def _gguf():
 def ggml_type(entry: Entry) -> str:
     """The GGML type ``entry`` is written as (see the module's table)."""
     if entry.grid is None:
-        return FLOAT_TYPES[entry.dtype]
+        return "F32" if len(entry.shape) == 1 else FLOAT_TYPES[entry.dtype]
     if fp4_weights.is_fp4(entry):
         return "MXFP4" if entry.grid.fmt == "mxfp4" else "NVFP4"
     if entry.grid.bits == 8:
@@ -136,7 +138,7 @@ def _data(entry: Entry, config) -> np.ndarray:
         return blocks(value.permute_rows(order) if order is not None else value, ggml_type(entry))
     if order is not None:
         value = value[order]
-    value = value.contiguous()
+    value = value.contiguous().float() if ggml_type(entry) == "F32" else value.contiguous()
     return value.view(torch.int16).numpy().view(np.uint16) if value.dtype == torch.bfloat16 else value.numpy()
 
 
@@ -209,7 +211,7 @@ def write(weights: StudentWeights, output_dir: Path, file_name: str = "model.ggu
     path = output_dir / file_name
     writer = gguf.GGUFWriter(path, config.model_type)
     _add_metadata(writer, config, output_dir.name)
-    kinds = {ggml_type(e) for e in weights.grids()} or {FLOAT_TYPES[entries[0].dtype]}
+    kinds = {ggml_type(e) for e in weights.grids()} or {ggml_type(e) for e in entries if len(e.shape) == 2}
     file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
                  "BF16": "MOSTLY_BF16", "MXFP4": "MOSTLY_MXFP4_MOE"}.get(sorted(kinds)[0], "ALL_F32")
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
@@ -222,7 +224,7 @@ def write(weights: StudentWeights, output_dir: Path, file_name: str = "model.ggu
         kind = ggml_type(entry)
         qtype = getattr(gguf.GGMLQuantizationType, kind)
         if entry.grid is None:
-            shape, dtype = entry.shape, np.uint16 if kind == "BF16" else np.dtype(str(entry.dtype).split(".")[-1])
+            shape, dtype = entry.shape, {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[kind]
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes,
                                    raw_dtype=qtype if kind == "BF16" else None)

@@ -312,6 +312,27 @@ def test_sharded_float_folder_streams_into_every_format(tmp_path):
         assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items()), fmt
 
 
+@pytest.mark.parametrize("model_name", list(PATHS))
+def test_a_half_precision_student_runs_in_llama_cpp(tmp_path, model_name):
+    """A float16 student (e.g. a teacher exported for comparison, or a student saved in half
+    precision): matrices stay F16, vectors (norms, Qwen2's q/k/v biases) are written in F32 as
+    llama.cpp's CPU kernels need; llama.cpp runs it at the float16 model's perplexity."""
+    from gguf import GGUFReader
+
+    half = from_pretrained(PATHS[model_name], dtype=torch.float16)
+    half.save_pretrained(tmp_path / "half")
+    tokenizer = AutoTokenizer.from_pretrained(PATHS[model_name])
+    tokenizer.save_pretrained(tmp_path / "half")
+    export_student(tmp_path / "half", "gguf", tmp_path / "gguf")
+    types = {t.name: (t.tensor_type.name, len(t.shape)) for t in GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
+    assert {kind for kind, dims in types.values() if dims == 1} == {"F32"}
+    assert {kind for kind, dims in types.values() if dims == 2} == {"F16"}
+    batches = [{"input_ids": held_out_ids(model_name, tokenizer)}]
+    student = perplexity_of(*nll_and_count(half.float(), batches))  # float16 weights, float32 compute as llama.cpp
+    engine = perplexity_of(*llama_cpp_nll(tmp_path / "gguf" / "model.gguf", batches))
+    assert abs(engine - student) / student < LLAMA_CPP_REL_TOL, (engine, student)
+
+
 def test_export_verb(tmp_path, capsys):
     from hf_sdft.cli import main
 
