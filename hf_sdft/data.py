@@ -53,6 +53,12 @@ def default_data_file(name: str) -> str:
     return str(path)
 
 
+def not_utf8(path, err: UnicodeDecodeError, offset: int) -> ValueError:
+    """The error for a file that is not UTF-8: the file, the byte's offset and value, the fix."""
+    return ValueError(f"{path} is not UTF-8 text: the byte at offset {offset} (0x{err.object[err.start]:02x}) "
+                      f"cannot be decoded ({err.reason}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8")
+
+
 def read_txt(path: str | Path, sample_by: str = "document") -> list[str]:
     """Documents of a ``.txt`` file, line breaks kept: the whole file, its blank-line-separated
     paragraphs (leading/trailing newlines of each stripped), or its lines."""
@@ -61,9 +67,7 @@ def read_txt(path: str | Path, sample_by: str = "document") -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text: the byte at offset {err.start} (0x{err.object[err.start]:02x}) "
-                         f"cannot be decoded ({err.reason}); convert the file to UTF-8, e.g. "
-                         f"iconv -f latin1 -t utf-8") from None
+        raise not_utf8(path, err, err.start) from None
     if sample_by == "document":
         docs = [text]
     elif sample_by == "paragraph":
@@ -446,10 +450,11 @@ def _txt_chunks(path: Path, size: int = 1 << 22) -> Iterator[str]:
         carry_cr = False
         while True:
             data = raw.read(size)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character, decoded with data
             try:
                 text = decoder.decode(data, final=not data)
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path} is not UTF-8 text: bad byte at offset {offset + err.start}") from None
+                raise not_utf8(path, err, offset - pending + err.start) from None
             offset += len(data)
             if carry_cr:
                 text = "\r" + text
@@ -597,13 +602,28 @@ def pack_arrow(tokenizer, ds, block_size: int, max_blocks: int | None = None, te
     tokenized = ds.map(_tokenize_batch, **kwargs)
     features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int8"))})
 
-    def gen():  # a fresh folder and fingerprint: never a stale cache
-        yield from _blocks(tokenized, block_size, max_blocks)
+    seen = {"tokens": 0, "blocks": 0, "done": False}
 
-    out = Dataset.from_generator(gen, features=features, cache_dir=_arrow_dir(), fingerprint=_fresh())
-    if len(out) == 0:
-        raise ValueError(f"the text holds too few tokens: not enough for one block of {block_size}")
-    return out
+    def counted():
+        for batch in tokenized.iter(batch_size=MAP_BATCH):
+            seen["tokens"] += sum(map(len, batch["ids"]))
+            yield batch
+
+    def gen():  # a fresh folder and fingerprint: never a stale cache
+        for block in _blocks(counted(), block_size, max_blocks):
+            seen["blocks"] += 1
+            yield block
+        seen["done"] = True
+
+    try:
+        return Dataset.from_generator(gen, features=features, cache_dir=_arrow_dir(), fingerprint=_fresh())
+    except Exception:
+        if seen["blocks"] or not seen["done"]:  # not the empty generator datasets refuses
+            raise
+        if not seen["tokens"]:  # datasets refuses an empty generator: say why it was empty
+            raise ValueError(f"dataset field {text_field!r} holds no text") from None
+        raise ValueError(f"the text holds too few tokens ({seen['tokens']}): not enough for one block of "
+                         f"{block_size}; give more text or a smaller block_size") from None
 
 
 def train_examples(*, dataset_name=None, dataset_config_name=None, data_file=None, split="train",
@@ -614,6 +634,8 @@ def train_examples(*, dataset_name=None, dataset_config_name=None, data_file=Non
     if data_file is not None and Path(data_file).suffix == ".txt" and Path(data_file).is_file():
         if Path(data_file).stat().st_size == 0:
             raise ValueError(f"data file {data_file} is empty: give a file that holds text")
+        for _ in _txt_chunks(Path(data_file)):  # decoded once here, a chunk at a time: a bad byte is named
+            pass                               # now, not wrapped in the dataset generator's error later
         return txt_dataset(data_file, txt_sample_by, piece_chars)
     if data_file is None and dataset_name is not None and streaming:
         return load_dataset(dataset_name, dataset_config_name, split=split, streaming=True)

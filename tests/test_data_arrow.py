@@ -135,3 +135,26 @@ def test_the_job_streams_a_dataset_and_caps_its_blocks(tmp_path):
     assert data.train["input_ids"] == pack_blocks(make_tokenizer(), texts, 32, 6)["input_ids"]
     with pytest.raises(ValueError, match="max_train_blocks=0 must be at least 1"):
         _recipe_parser().parse_args_and_config(["--max_train_blocks", "0"])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
+def test_a_bad_byte_is_named_at_its_offset_whatever_the_chunking(tmp_path, chunk):
+    """Read in chunks, a character split across chunks is decoded whole, and a bad byte after it is
+    reported at its offset in the file (as a whole-file read reports it)."""
+    from hf_sdft.data import _txt_chunks
+
+    path = tmp_path / "mixed.txt"
+    data = "café ünïcode — ".encode() + b"\xe9 and more"
+    path.write_bytes(data)
+    offset = data.index(b"\xe9 and")
+    with pytest.raises(ValueError, match=rf"mixed\.txt is not UTF-8 text: the byte at offset {offset} \(0xe9\)"):
+        list(_txt_chunks(path, size=chunk))
+    with pytest.raises(ValueError, match=rf"the byte at offset {offset} \(0xe9\)"):
+        read_txt(path)
+
+
+def test_too_little_text_for_one_block_says_so(embedded):
+    with pytest.raises(ValueError, match=r"too few tokens \(\d+\): not enough for one block of 512"):
+        pack_arrow(embedded, Dataset.from_dict({"text": ["a short line"]}), 512)
+    with pytest.raises(ValueError, match="field 'text' holds no text"):
+        pack_arrow(embedded, Dataset.from_dict({"text": ["", "  "]}), 8)

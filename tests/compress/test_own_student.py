@@ -57,7 +57,10 @@ def closer(tiny, degraded, recovered) -> bool:
 
 
 def own(tiny, out, student, *extra):
-    return recover(tiny, out, "--student_name_or_path", str(student), "--learning_rate", "1e-2", *extra)[0]
+    """The job on your own student, handing back its trained state (these tests check what training
+    did; keeping the best state is tests/jobs/test_keep_best.py's)."""
+    return recover(tiny, out, "--student_name_or_path", str(student), "--learning_rate", "1e-2",
+                   "--keep_best_model", "false", *extra)[0]
 
 
 def test_finetuned_student(tiny, tmp_path):

@@ -66,9 +66,12 @@ def test_recovery_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path
     """The job end to end (on-policy batches and an EMA teacher, as the recipes set them): the
     checkpoint at step 2 of a 4-step run, copied into a fresh folder and resumed by a new job (a
     freshly degraded student), ends with the uninterrupted run's saved weights."""
+    import json
     import shutil
 
     from transformers import AutoModelForCausalLM
+
+    from hf_sdft.jobs.outputs import FINGERPRINT_FILE
 
     from tests.helpers import write_tiny_inputs
     from tests.jobs.test_recover import recover
@@ -78,8 +81,11 @@ def test_recovery_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path
              "--max_new_tokens", "4", "--prompt_length", "8", "--kd_loss", "reverse_kl", "--teacher_model_kind", "ema",
              "--kd_ratio", "0.5", "--learning_rate", "1e-2", "--keep_best_model", "false"]
     recover(tiny, tmp_path / "whole", *flags)
+    # the folder a run killed after its step-2 checkpoint leaves: its fingerprint, not complete
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    fingerprint = json.loads((tmp_path / "whole" / FINGERPRINT_FILE).read_text())
+    (tmp_path / "resumed" / FINGERPRINT_FILE).write_text(json.dumps(fingerprint | {"complete": False}))
     stats, _ = recover(tiny, tmp_path / "resumed", *flags)
     assert stats["recovery"]["steps"] == 4
     whole, resumed = (AutoModelForCausalLM.from_pretrained(tmp_path / f) for f in ("whole", "resumed"))
