@@ -72,7 +72,6 @@ def test_recovery_job_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path
     from transformers import AutoModelForCausalLM
 
     from hf_sdft.jobs.outputs import FINGERPRINT_FILE
-
     from tests.helpers import write_tiny_inputs
     from tests.jobs.test_recover import recover
 
