@@ -95,6 +95,48 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False,
     return _safe_ratio(*hsic, scale_x, scale_y)
 
 
+def masked_linear_cka(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Biased linear CKA between the rows of ``x (N, d1)`` and ``y (N, d2)`` that ``weight (N,)``
+    (1 = a row to compare, 0 = not) keeps, with no data-dependent shape: no ``nonzero``, no
+    boolean indexing, so a GPU never waits for the host. Equal to :func:`linear_cka` on the kept
+    rows. Means and norms are taken in float32; the three ``(d, d)`` feature products in ``dtype``
+    (bfloat16 on a GPU runs them on tensor cores, which accumulate in float32); float16 is refused
+    (the products of unnormalised hidden states overflow it)."""
+    if x.dim() != 2 or y.dim() != 2 or weight.shape != x.shape[:1] or y.shape[0] != x.shape[0]:
+        raise ValueError(f"masked CKA expects (N, d1), (N, d2) and (N,) weights, got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(weight.shape)}")
+    if dtype == torch.float16:
+        raise ValueError("masked CKA in float16 overflows on hidden states: use bfloat16 or float32")
+    w = weight.to(torch.float32)[:, None]
+    n = w.sum().clamp(min=2.0)  # fewer than 2 kept rows: no geometry, CKA 0 through _safe_ratio
+
+    def centered(f):
+        f = f.to(torch.float32)
+        return (f - (f * w).sum(0, keepdim=True) / n) * w  # dropped rows are zero: they add nothing
+
+    xc, yc = centered(x), centered(y)
+    scale_x, scale_y = ((x.float().square() * w).sum() / n) ** 2, ((y.float().square() * w).sum() / n) ** 2
+    low_x, low_y = xc.to(dtype), yc.to(dtype)
+
+    def hsic(a, b):  # ‖BᵀA‖²_F / (n − 1)²: the biased estimator in feature space
+        return (b.T @ a).float().square().sum() / (n - 1) ** 2
+
+    return _safe_ratio(hsic(low_x, low_y), hsic(low_x, low_x), hsic(low_y, low_y), scale_x, scale_y)
+
+
+def sample_rows(keep: torch.Tensor, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``k`` uniformly random rows among those ``keep (N,)`` marks, as ``(indices (k,), weight (k,))``
+    with a fixed shape whatever the number kept (no host sync): the kept rows get random keys in
+    [0, 1), the others 2, and the ``k`` smallest are taken; a dropped row taken (fewer than ``k``
+    kept) has weight 0."""
+    k = min(k, keep.shape[0])
+    keys = torch.rand(keep.shape, generator=generator, device=keep.device if generator is None else generator.device)
+    keys = torch.where(keep, keys.to(keep.device), torch.full_like(keys, 2.0, device=keep.device))
+    index = torch.topk(keys, k, largest=False, sorted=False).indices
+    return index, keep[index].to(torch.float32)
+
+
 def _centered(feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Each ``(n, d)`` feature matrix in float64 with its column means removed."""
     feats = [f.double() for f in feats]

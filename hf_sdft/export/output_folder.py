@@ -40,7 +40,8 @@ def write_safetensors(path: Path, planned: list[tuple[str, torch.dtype, tuple[in
             if got != name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"export planned {name} {dtype} {tuple(shape)} but got {got} {tensor.dtype} "
                                    f"{tuple(tensor.shape)}")
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():  # the tensor's own bytes, no copy
+                f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 def copy_tokenizer(source: Path | None, target: Path) -> None:

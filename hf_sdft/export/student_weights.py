@@ -1,8 +1,8 @@
 """A saved student's weights as the student computes with them, one tensor at a time.
 
-Export never holds the whole model: a folder is read through safetensors' lazy ``safe_open`` (the
-model's skeleton, built on the meta device, gives each layer's shape), each entry loads its tensor
-only when a writer asks, and the writer lets it go before the next. Quantized layers come as
+Export never holds the whole model: a folder's tensors are listed from the safetensors headers (the
+model's skeleton, built on the meta device, gives each layer's shape), each entry reads its tensor
+(plain file reads, no memory map) only when a writer asks, and the writer lets it go before the next. Quantized layers come as
 :class:`GridWeight` — integer codes with their scales (and shifts) — so that a writer can store the
 grid itself, never a re-rounded copy.
 
@@ -13,6 +13,7 @@ file or shards; pruned students are these), and a model in memory (a merged PEFT
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from torch import nn
 
 from hf_sdft.compress.fake_quant import FakeQuantLinear, code_offset, on_fp16_grid, stored_symmetric
 from hf_sdft.compress.fp4 import FP4FakeQuantLinear
+from hf_sdft.export.output_folder import SAFETENSORS_DTYPES
 
 QMAP_FILE, GROUPS_FILE = "quanto_qmap.json", "quanto_group_sizes.json"  # what save_quantized writes
 QUANTO_BITS = {"qint8": 8, "qint4": 4, "qint2": 2}
+READ_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()} | {"F64": torch.float64, "BOOL": torch.bool}
 
 
 @dataclass
@@ -143,11 +146,35 @@ def _safetensors_files(folder: Path) -> list[Path]:
                             "save_pretrained / hf-sdft recover, or give the folder that holds its weights")
 
 
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its data starts."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length)), 8 + length
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read with plain file reads into its own buffer: unlike a
+    memory map (``safe_open``), the file's pages never count as this process's memory, so a tensor
+    costs its size once."""
+    header, start = _header(path)
+    if key not in header:
+        raise KeyError(f"{path} holds no tensor {key}")
+    info = header[key]
+    dtype = READ_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    out = torch.empty(info["shape"], dtype=dtype)
+    if end > begin:
+        buffer = out.view(-1).view(torch.uint8).numpy()
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buffer) != end - begin:
+                raise OSError(f"{path}: tensor {key} is cut short (the file is truncated)")
+    return out
+
+
 def _lazy(path: Path, key: str) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
-        with safe_open(str(path), "pt") as f:
-            return f.get_tensor(key)
-    return load
+    return lambda: read_tensor(path, key)
 
 
 def read_quanto_folder(folder: Path, config) -> StudentWeights:
@@ -181,9 +208,8 @@ def read_quanto_folder(folder: Path, config) -> StudentWeights:
             data_key = f"{module}.weight._data" + ("._data" if bits < 8 else "")
 
             def load(data_key=data_key, bits=bits, group=group, shape=shape, module=module):
-                with safe_open(str(path), "pt") as f:
-                    data = f.get_tensor(data_key)
-                return _grid_from_quanto(bits, group, shape, data, scales[module], shifts[module])
+                return _grid_from_quanto(bits, group, shape, read_tensor(path, data_key), scales[module],
+                                         shifts[module])
 
             entries.append(Entry(f"{module}.weight", shape, dtype, grid, load))
         elif key in shapes:

@@ -57,6 +57,11 @@ class SDFTArguments:
     cka_layers: str = field(
         default="all", metadata={"help": "'all' or decoder-layer indices ('0,2,3' or a YAML list) for the CKA loss."}
     )
+    cka_tokens: int | None = field(
+        default=None, metadata={"help": "CKA loss on this many random attended positions per step (drawn once, shared "
+                                "by the layers; e.g. 2048) instead of every position: cheaper on long batches. "
+                                "Unset: every position."}
+    )
     kd_chunk_size: int | None = field(
         default=None, metadata={"help": "Positions per chunk in the KD loss, to cap float32 logits memory "
                                 "(fused: default sized from the vocabulary and hidden size)."}
@@ -160,6 +165,8 @@ class SDFTArguments:
             raise ValueError(f"kd_ratio={self.kd_ratio} must be in [0, 1] (1 = distillation only, 0 = plain CE)")
         if self.cka_weight < 0:
             raise ValueError(f"cka_weight={self.cka_weight} must be >= 0")
+        if self.cka_tokens is not None and self.cka_tokens < 2:
+            raise ValueError(f"cka_tokens={self.cka_tokens} must be at least 2 positions (CKA compares rows)")
         if self.output_loss_weight < 0:
             raise ValueError(f"output_loss_weight={self.output_loss_weight} must be >= 0")
         if self.output_loss_weight == 0 and self.cka_weight == 0:

@@ -25,7 +25,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from hf_sdft.cka.callback import CKACallback
-from hf_sdft.cka.metric import linear_cka
+from hf_sdft.cka.metric import masked_linear_cka, sample_rows
 from hf_sdft.compress.fake_quant import scale_group, split_scale_parameters
 from hf_sdft.data import pad
 from hf_sdft.distributed import check_fsdp_launch
@@ -497,16 +497,29 @@ class SDFTMixin:
             return loss / self.current_gradient_accumulation_steps
         return loss
 
-    @staticmethod
-    def _cka_loss(student_hidden: dict, teacher_hidden: dict, batch: _Batch, layers) -> torch.Tensor:
+    def _cka_loss(self, student_hidden: dict, teacher_hidden: dict, batch: _Batch, layers) -> torch.Tensor:
         """1 − mean linear CKA over the CKA layers, on the real (attended) positions; on-policy
-        batches compare the sampled positions only (the prompts differ under a demonstration)."""
+        batches compare the sampled positions only (the prompts differ under a demonstration).
+        Positions are kept by weight, never by boolean indexing (no host sync); with ``cka_tokens``
+        a random sample of them, drawn once per step for every layer; the feature products run in
+        bfloat16 when training does (:func:`~hf_sdft.cka.metric.masked_linear_cka`)."""
         labels = batch.labels
-        rows = batch.inputs.get("attention_mask")
-        rows = rows.bool() if rows is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+        keep = batch.inputs.get("attention_mask")
+        keep = keep.bool() if keep is not None else torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
         if batch.on_policy:
-            rows = labels != -100
-        ckas = [linear_cka(student_hidden[i][rows], teacher_hidden[i][rows].detach(), dtype=torch.float32)
+            keep = labels != -100
+        keep = keep.flatten()
+        if self.args.cka_tokens is not None and self.args.cka_tokens < keep.shape[0]:
+            index, weight = sample_rows(keep, self.args.cka_tokens)
+        else:
+            index, weight = None, keep.to(torch.float32)
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float32  # float16 overflows on these products
+
+        def rows(hidden):
+            flat = hidden.flatten(0, -2)
+            return flat if index is None else flat.index_select(0, index)
+
+        ckas = [masked_linear_cka(rows(student_hidden[i]), rows(teacher_hidden[i]).detach(), weight, dtype=dtype)
                 for i in layers]
         return (1.0 - torch.stack(ckas).mean()).float()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_sdft.cka.metric import MinibatchCKA, cka_from_grams, linear_cka, rbf_cka
+from hf_sdft.cka.metric import MinibatchCKA, cka_from_grams, linear_cka, masked_linear_cka, rbf_cka, sample_rows
 
 
 def np_hsic(k, l, debiased):
@@ -182,3 +182,74 @@ def test_float32_cka_matches_float64_values_and_gradients(n):
     gx32 = torch.autograd.grad(linear_cka(x32 := x.clone().requires_grad_(), y, dtype=torch.float32), x32)[0]
     gx64 = torch.autograd.grad(linear_cka(x64 := x.double().requires_grad_(), y), x64)[0]
     torch.testing.assert_close(gx32.double(), gx64, rtol=1e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------- the training loss's CKA (issue 27)
+
+
+def related_pair(n=300, d1=24, d2=16, seed=0):
+    """Two representations sharing structure, with non-zero means (centring matters) and a few
+    large features (as hidden states have)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)
+    x = z @ torch.randn(8, d1, generator=g) + 0.5 * torch.randn(n, d1, generator=g) + 3.0
+    y = z @ torch.randn(8, d2, generator=g) + 0.8 * torch.randn(n, d2, generator=g) - 1.0
+    x[:, 0] *= 40.0
+    keep = torch.rand(n, generator=g) > 0.3
+    return x, y, keep
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_masked_cka_equals_the_float64_measure_on_the_kept_rows(dtype, tol):
+    x, y, keep = related_pair()
+    want = linear_cka(x[keep], y[keep], dtype=torch.float64).item()
+    assert 0.2 < want < 0.95
+    got = masked_linear_cka(x, y, keep.float(), dtype=dtype).item()
+    assert got == pytest.approx(want, abs=tol)
+    # the gradient too (what training follows), against float64 autograd on the kept rows
+    xa = x.clone().requires_grad_(True)
+    masked_linear_cka(xa, y, keep.float(), dtype=dtype).backward()
+    xb = x.double().clone().requires_grad_(True)
+    linear_cka(xb[keep], y.double()[keep]).backward()
+    assert torch.allclose(xa.grad.double(), xb.grad, rtol=0, atol=tol * xb.grad.abs().max().item())
+    assert xa.grad[~keep].abs().max() == 0  # dropped rows take no part
+
+
+def test_masked_cka_refuses_float16_and_bad_shapes():
+    x, y, keep = related_pair(n=10)
+    with pytest.raises(ValueError, match="float16 overflows"):
+        masked_linear_cka(x, y, keep.float(), dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"\(N, d1\), \(N, d2\) and \(N,\) weights"):
+        masked_linear_cka(x, y[:5], keep.float())
+
+
+def test_sample_rows_takes_only_kept_rows_and_pads_with_weight_zero():
+    keep = torch.zeros(100, dtype=torch.bool)
+    keep[::4] = True  # 25 kept
+    index, weight = sample_rows(keep, 10, torch.Generator().manual_seed(0))
+    assert index.shape == weight.shape == (10,) and keep[index].all() and weight.sum() == 10
+    assert len(set(index.tolist())) == 10
+    index, weight = sample_rows(keep, 40, torch.Generator().manual_seed(0))  # more than kept: all 25, 15 at weight 0
+    assert weight.sum() == 25 and set(index[weight > 0].tolist()) == set(torch.nonzero(keep).flatten().tolist())
+    counts = torch.zeros(100)  # uniform over the kept rows
+    g = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        counts[sample_rows(keep, 5, g)[0]] += 1
+    assert counts[~keep].sum() == 0 and counts[keep].min() > 40 and counts[keep].max() < 130  # expected 80 each
+
+
+def test_a_sampled_cka_estimates_the_full_one():
+    """Subsampling rows gives the full CKA within a spread that shrinks with the sample (the
+    biased estimator's small-sample bias included)."""
+    x, y, _ = related_pair(n=4000, seed=3)
+    keep = torch.ones(4000, dtype=torch.bool)
+    full = masked_linear_cka(x, y, keep.float()).item()
+    g = torch.Generator().manual_seed(0)
+    spread = {}
+    for k in (256, 1024):
+        draws = []
+        for _ in range(30):
+            index, weight = sample_rows(keep, k, g)
+            draws.append(masked_linear_cka(x[index], y[index], weight).item())
+        spread[k] = max(abs(d - full) for d in draws)
+    assert spread[1024] < spread[256] < 0.1 and spread[1024] < 0.05, spread

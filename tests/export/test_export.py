@@ -333,6 +333,31 @@ def test_a_half_precision_student_runs_in_llama_cpp(tmp_path, model_name):
     assert abs(engine - student) / student < LLAMA_CPP_REL_TOL, (engine, student)
 
 
+def test_read_tensor_equals_safetensors_and_names_a_truncated_file(tmp_path):
+    """Export's own reader (plain file reads, no memory map) gives safetensors' tensors exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_sdft.export.student_weights import read_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+               "f16": torch.randn(2, 2, 2, generator=g).half(), "i32": torch.randint(-9, 9, (4, 3), dtype=torch.int32),
+               "u8": torch.randint(0, 255, (6,), dtype=torch.uint8), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    expected = load_file(str(tmp_path / "t.safetensors"))
+    for key, value in expected.items():
+        got = read_tensor(tmp_path / "t.safetensors", key)
+        assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), key
+    with pytest.raises(KeyError, match="holds no tensor missing"):
+        read_tensor(tmp_path / "t.safetensors", "missing")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    last = max(expected, key=lambda k: json.loads(data[8:8 + int.from_bytes(data[:8], "little")])[k]["data_offsets"][1]
+               if k != "__metadata__" else -1)
+    with pytest.raises(OSError, match=f"tensor {last} is cut short"):
+        read_tensor(tmp_path / "cut.safetensors", last)
+
+
 def test_export_verb(tmp_path, capsys):
     from hf_sdft.cli import main
 

@@ -292,12 +292,13 @@ def test_fused_loss_host_syncs_do_not_grow_with_the_chunks(kd_ratio, kind):
     assert len(syncs_of_one_call(256, 8, kd_ratio, temperature=2.0, loss_type=kind)) == 1
 
 
-def sdft_step_syncs(tmp_path, tokenizer, seq_len, chunk):
+def sdft_step_syncs(tmp_path, tokenizer, seq_len, chunk, **kw):
     """Host syncs in one SDFT micro-batch step (forward, fused loss, backward) of the trainer."""
     teacher = make_model(seed=0)
     trainer = sdft_trainer(tmp_path, perturb(copy.deepcopy(teacher)), teacher, tokenizer, make_texts(16),
-                           max_steps=1, kd_chunk_size=chunk, kd_ratio=0.5)
+                           max_steps=1, kd_chunk_size=chunk, kd_ratio=0.5, **kw)
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 1  # as train() sets it
     g = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(tokenizer.vocab_size, (4, seq_len), generator=g)
     labels = ids.clone()
@@ -316,6 +317,15 @@ def test_sdft_step_host_syncs_are_constant(tmp_path, tokenizer):
     # ours: the empty-batch check and the loss's compaction; transformers' mask check once per model forward
     assert [op for op, ours in short if ours] == ["_local_scalar_dense", "nonzero"], short
     assert len(short) == 4, short
+
+
+@pytest.mark.parametrize("cka", [{"cka_weight": 0.1}, {"cka_weight": 0.1, "cka_tokens": 24}], ids=["all", "sampled"])
+def test_the_cka_regulariser_adds_no_host_sync(tmp_path, tokenizer, cka):
+    """Issue 27: the CKA loss keeps positions by weight (no boolean indexing per layer) and samples
+    them with a fixed-shape top-k: a step with it stops the host exactly as often as one without."""
+    plain = sdft_step_syncs(tmp_path / "a", tokenizer, 16, 8)
+    with_cka = sdft_step_syncs(tmp_path / "b", tokenizer, 16, 8, **cka)
+    assert with_cka == plain, with_cka
 
 
 class RecordDtypes(TorchDispatchMode):
