@@ -58,6 +58,11 @@ TEACHER_INPUTS = {"teacher_input_ids": "input_ids", "teacher_attention_mask": "a
 NOT_MODEL_INPUTS = ("labels", "shift_labels", TEACHER_PROMPT, *CACHE_COLUMNS, *TEACHER_INPUTS)
 
 
+EMPTY_BATCHES = "empty_batches"  # the fraction of micro-batches with no supervised token, checked at each log
+NO_SUPERVISED_TOKEN = ("a batch has no supervised token (every label is -100): check max_length/truncation, "
+                       "completion_only_loss or how labels are built")
+
+
 @dataclass
 class _Batch:
     """One batch as :meth:`SDFTMixin.compute_loss` reads it: what the student and the teacher get,
@@ -82,12 +87,9 @@ class _Batch:
         labels = inputs["labels"]
         shift_labels = labels[..., 1:]
         mask = shift_labels != -100
-        n_local = mask.sum()
-        if not bool(n_local):
-            raise ValueError(
-                "a batch has no supervised token (every label is -100): check max_length/truncation, "
-                "completion_only_loss or how labels are built"
-            )
+        # a batch with no supervised token is not checked here (a host sync every step): it adds
+        # nothing to the loss, and the next log raises (NO_SUPERVISED_TOKEN)
+        n_local = mask.sum().clamp(min=1)
         return cls(inputs, model_inputs, teacher_inputs, labels, shift_labels, mask, n_local, on_policy,
                    1.0 if on_policy else kd_ratio)
 
@@ -441,7 +443,8 @@ class SDFTMixin:
                            "cache": self._cache_output_loss}[kind]
             mixed, kd_sum, ce_sum = output_loss(student_out, teacher_out, batch, output_grad)
         loss = self._token_loss(mixed, batch, num_items_in_batch, model.training)
-        metrics = {"ce_loss": ce_sum.detach() / batch.n_local, "kd_loss": kd_sum.detach() / batch.n_local}
+        metrics = {"ce_loss": ce_sum.detach() / batch.n_local, "kd_loss": kd_sum.detach() / batch.n_local,
+                   EMPTY_BATCHES: (~batch.mask).all().float()}
         if self.cka_loss_layers:
             cka_loss = self._cka_loss(student_hidden, teacher_hidden, batch, self.cka_loss_layers)
             weighted = self.args.cka_weight * cka_loss
@@ -531,8 +534,10 @@ class SDFTMixin:
             names = [k for k, v in window.items() if v]
             if names:  # one gather for every part: the window mean on each rank, averaged over ranks
                 means = torch.stack([torch.stack(window[k]).mean() for k in names])
-                values = self.accelerator.gather(means[None]).mean(0).tolist()
-                logs.update({f"{prefix}{k}": v for k, v in zip(names, values)})
+                values = dict(zip(names, self.accelerator.gather(means[None]).mean(0).tolist()))
+                if values.pop(EMPTY_BATCHES, 0.0) > 0:
+                    raise ValueError(NO_SUPERVISED_TOKEN)
+                logs.update({f"{prefix}{k}": v for k, v in values.items()})
             window.clear()
             if self.cakld_gamma is not None and mode == "train":
                 logs["cakld_gamma"] = self.cakld_gamma
