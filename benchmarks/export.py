@@ -194,6 +194,14 @@ def _ppl(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "not measured"
 
 
+def ratio(row: dict) -> str:
+    """R, or why it means nothing: a degradation within 0.1 % of the teacher's perplexity."""
+    p = row["perplexity"]
+    if p["degraded"] - p["teacher"] < 1e-3 * p["teacher"]:
+        return f"— (gap {p['degraded'] - p['teacher']:.3f})"
+    return f"{row['recovery_ratio']:.3f}"
+
+
 def kept_step(row: dict) -> str:
     """The step whose state the job handed back, of how many (the best held-out perplexity)."""
     kept = row.get("kept")
@@ -222,7 +230,7 @@ def report(results: dict) -> str:
             p = row["perplexity"]
             for fmt, e in row["exports"].items():
                 lines.append(f"| {model} | {name} | {p['teacher']:.3f} | {p['degraded']:.3f} | {p['recovered']:.3f} | "
-                             f"{row['recovery_ratio']:.3f} | {kept_step(row)} | {fmt} | {'yes' if e['exact'] else 'no'} | "
+                             f"{ratio(row)} | {kept_step(row)} | {fmt} | {'yes' if e['exact'] else 'no'} | "
                              f"{e['size_bytes'] / 1e6:.2f} MB | {_ppl(e['perplexity_transformers'])} | "
                              f"{_ppl(e.get('perplexity_llama_cpp', 'n/a'))} |")
         lines += ["", "Commands:", ""] + [f"- {k}: `{r['command']}`" for k, r in rows.items()]

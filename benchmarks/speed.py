@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from hf_sdft import CKACallback, SDFTConfig, SDFTTrainer
+from hf_sdft.compress.quantize import quantize_student
 from hf_sdft.data import default_data_file, default_model_path, load_texts, pack_blocks, pad
 from hf_sdft.jobs.config import RecoveryArguments, RecoveryConfig
 from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
@@ -57,6 +58,8 @@ CONFIGS = {  # name: SDFT fields (None: plain Trainer CE)
     "SDFT (fused, default)": {},
     "SDFT unfused (kd_fused false)": {"kd_fused": False},
     "SDFT + CKA loss (all layers)": {"cka_weight": 0.1},
+    "SDFT + CKA loss, 512 sampled positions": {"cka_weight": 0.1, "cka_tokens": 512},
+    "SDFT, int4 QAT student (groups of 32)": {"qat": "int4"},
     "SDFT from a top-64 cache": {"cache": True},
 }
 
@@ -94,6 +97,9 @@ def trainer_step(name, extra, teacher, tokenizer, train, cache_dir, steps, batch
         trainer = SDFTTrainer(model=student, args=SDFTConfig(**common), train_dataset=load_from_disk(cache_dir),
                               processing_class=tokenizer, callbacks=[clock])
     else:
+        if extra.get("qat"):  # the student as quantization-aware training sees it: fake-quantized Linears
+            extra = {k: v for k, v in extra.items() if k != "qat"}
+            student = quantize_student(student, "int4", group_size=32)
         trainer = SDFTTrainer(model=student, args=SDFTConfig(**common, **extra), teacher_model=teacher,
                               train_dataset=train, processing_class=tokenizer, data_collator=pad, callbacks=[clock])
     trainer.train()
