@@ -232,7 +232,7 @@ def report(results: dict) -> str:
                 lines.append(f"| {model} | {name} | {p['teacher']:.3f} | {p['degraded']:.3f} | {p['recovered']:.3f} | "
                              f"{ratio(row)} | {kept_step(row)} | {fmt} | {'yes' if e['exact'] else 'no'} | "
                              f"{e['size_bytes'] / 1e6:.2f} MB | {_ppl(e['perplexity_transformers'])} | "
-                             f"{_ppl(e.get('perplexity_llama_cpp', 'n/a'))} |")
+                             f"{_ppl(e.get('perplexity_llama_cpp')) if fmt == 'gguf' else 'n/a (not a GGUF)'} |")
         lines += ["", "Commands:", ""] + [f"- {k}: `{r['command']}`" for k, r in rows.items()]
     speed = results.get("speed", {})
     if speed:
