@@ -1,4 +1,4 @@
-"""The GPU benchmark: one prepared script, about 8 minutes on one GPU, no network, each part in
+"""The GPU benchmark: one prepared script, about 11 minutes on one GPU, no network, each part in
 its own time box (a subprocess stopped at its limit; what it finished is kept, the rest is
 reported as not measured).
 
@@ -13,8 +13,14 @@ Parts:
   of 5 calls after 2 warm-ups; peak memory above the inputs.
 - steps: seconds per optimizer step of a Qwen3-0.6B-shaped model (random weights, batch 8 × 1024
   tokens, ``bf16``, AdamW, median of 6 steps after 2) and peak memory: plain ``Trainer`` CE, SDFT
-  default, SDFT with the PyTorch chunk, SDFT unfused, SDFT + CKA loss, int4 and int2 QAT students
+  default, SDFT with the PyTorch chunk, SDFT unfused, SDFT + CKA loss (all positions, and 2048 sampled), int4 and int2 QAT students
   (SDFT default), and the bare CE and forward-KL loops (AdamW, no Trainer, bf16 autocast).
+- capacity: what fits on this GPU for Qwen3-8B's shape (random weights, the bfloat16 teacher on the
+  GPU): for a LoRA student (r 16 on every linear layer, the teacher its frozen base, adapters off)
+  and an int4 QAT student (full fine-tuning, groups of 128), per sequence length (1024, 2048,
+  4096) the largest batch (doubling from 1) that trains 3 SDFT steps without running out of
+  memory, with its step time, tokens/s and peak memory. ``--smoke``: a toy shape on CPU, batches
+  1 and 2 only (no memory limit there).
 - jobs: ``hf-sdft recover`` with its defaults, and the quanto-int2 recipe with the embedded
   model's small-model settings: wall time and R.
 
@@ -39,15 +45,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, bare_loss  # noqa: E402
 
-BUDGET_S = {"loss": 75, "steps": 170, "job-default": 75, "job-int2": 75}  # GPU time boxes: 395 s in all
-SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "job-default": 120, "job-int2": 120}
+BUDGET_S = {"loss": 75, "steps": 170, "capacity": 240, "job-default": 75, "job-int2": 75}  # GPU time boxes: 635 s
+SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "capacity": 90, "job-default": 120, "job-int2": 120}
+CAPACITY_SEQS, CAPACITY_MAX_BATCH = (1024, 2048, 4096), 64
 SHAPES = [(1024, 151_936), (4096, 128_256)]  # (hidden, vocabulary): Qwen3-0.6B's head, Llama-3-8B's head
 SMALL_MODEL = ["--block_size", "128", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
                "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false"]
-TARGETS = {  # row: (baseline row, target ratio) from the issue that asked for this benchmark
-    "SDFT default": ("plain CE (Trainer)", 1.35),
-    "SDFT int4 QAT": ("SDFT default", 1.25),
-    "SDFT int2 QAT": ("SDFT default", 1.25),
+TARGETS = {  # row: (baseline row, target ratio), issue 27's
+    "SDFT default": ("plain CE (Trainer)", 1.30),
+    "SDFT + CKA loss (cka_weight 0.1)": ("SDFT default", 1.10),
+    "SDFT + CKA loss on 2048 sampled positions": ("SDFT default", 1.10),
+    "SDFT int4 QAT": ("SDFT default", 1.10),
+    "SDFT int2 QAT": ("SDFT default", 1.10),
 }
 
 
@@ -240,6 +249,7 @@ def part_steps(a, save: Saver) -> None:
         "SDFT PyTorch chunk (kd_kernel torch)": lambda: trainer_row({"kd_kernel": "torch"}),
         "SDFT unfused (kd_fused false)": lambda: trainer_row({"kd_fused": False}),
         "SDFT + CKA loss (cka_weight 0.1)": lambda: trainer_row({"cka_weight": 0.1}),
+        "SDFT + CKA loss on 2048 sampled positions": lambda: trainer_row({"cka_weight": 0.1, "cka_tokens": 2048}),
         "bare CE loop": lambda: bare_row(False),
         "bare forward-KL loop": lambda: bare_row(True),
         "SDFT int4 QAT": lambda: trainer_row({}, "int4"),  # last: a slow first QAT forward costs only these rows
@@ -254,6 +264,99 @@ def part_steps(a, save: Saver) -> None:
         except torch.OutOfMemoryError as e:
             result = {"error": f"out of memory: {str(e)[:120]}"}
         save[name] = {**result, "wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- what fits on one GPU
+
+
+def qwen3_8b_shape(smoke: bool, dev: torch.device):
+    """Qwen3-8B's shape (36 layers, hidden 4096, GQA 32/8, head 128, V 151,936, untied head), random
+    bfloat16 weights built on ``dev`` (float32 toy shape on CPU with ``smoke``)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    size = dict(vocab_size=151_936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128) if not smoke else \
+        dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=8)
+    torch.manual_seed(0)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            return Qwen3ForCausalLM(Qwen3Config(**size, max_position_embeddings=8192, tie_word_embeddings=False))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def part_capacity(a, save: Saver) -> None:
+    import gc
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerCallback
+
+    from hf_sdft import SDFTConfig, SDFTTrainer
+    from hf_sdft.compress.quantize import quantize_student
+    from hf_sdft.data import pad
+
+    dev = device()
+    teacher = qwen3_8b_shape(a.smoke, dev).requires_grad_(False).eval()
+    vocab = teacher.config.vocab_size
+    seqs, max_batch = ((32, 64), 2) if a.smoke else (CAPACITY_SEQS, CAPACITY_MAX_BATCH)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.ends.append(time.perf_counter())
+
+    def lora_student():
+        return get_peft_model(teacher, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")), None
+
+    def qat_student():
+        group = 32 if a.smoke else 128  # the toy shape's layers are 64 wide
+        return quantize_student(copy.deepcopy(teacher), "int4", group_size=group).requires_grad_(True), teacher
+
+    def trial(make, batch: int, seq: int) -> dict:
+        """3 SDFT steps at ``batch`` × ``seq``: median step time of the last two, peak memory."""
+        student, teacher_model = make()
+        ids = torch.randint(vocab, (batch * 3, seq), generator=torch.Generator().manual_seed(0))
+        train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+        args = SDFTConfig(output_dir=tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=batch,
+                          learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True,
+                          logging_steps=10**6, use_cpu=dev.type == "cpu", bf16=dev.type == "cuda",
+                          gradient_checkpointing=True, dataloader_drop_last=True, seed=0)
+        clock, mem0 = Clock(), peak_reset()
+        try:
+            trainer = SDFTTrainer(model=student, args=args, teacher_model=teacher_model, train_dataset=train,
+                                  data_collator=pad, callbacks=[clock])
+            trainer.train()
+            step = statistics.median(b - a_ for a_, b in zip(clock.ends[:-1], clock.ends[1:]))
+            return {"s_per_step": step, "tokens_per_s": batch * seq / step, "peak_gib": peak_gib(mem0)}
+        finally:
+            if hasattr(student, "unload"):
+                student.unload()  # the teacher back as it was, for the next trial
+            del student
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    for label, make in (("LoRA r16 (all linear), base = teacher", lora_student),
+                        ("int4 QAT, full fine-tuning (groups of 128)", qat_student)):
+        for seq in seqs:
+            best, batch = None, 1
+            while batch <= max_batch:
+                try:
+                    best = {"batch": batch, **trial(make, batch, seq)}
+                except torch.OutOfMemoryError:
+                    break
+                batch *= 2
+            save[f"{label} | {seq}"] = best or {"batch": 0, "error": "out of memory at batch 1"}
+            if best is None:
+                break  # a longer sequence cannot fit either
 
 
 # ---------------------------------------------------------------------------- the recovery job
@@ -371,6 +474,19 @@ def report(results: dict) -> str:
     for name in ("plain CE (Trainer)", "SDFT default", "SDFT int4 QAT", "SDFT int2 QAT"):
         if name not in steps:
             lines.append(f"| {name} | not measured | | | |")
+    capacity = parts.get("capacity", {}).get("rows", {})
+    lines += ["", "## What fits: Qwen3-8B shape, bfloat16 teacher on the GPU, SDFT with gradient checkpointing", "",
+              status("capacity"), "", "| student | sequence | largest batch | s / step | tokens / s | peak GiB |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for key, row in capacity.items():
+        student, seq = key.split(" | ")
+        if "error" in row:
+            lines.append(f"| {student} | {seq} | 0 ({row['error']}) | | | |")
+        else:
+            lines.append(f"| {student} | {seq} | {row['batch']} | {row['s_per_step']:.3f} | {row['tokens_per_s']:.0f} | "
+                         f"{fmt(row['peak_gib'], '.1f')} |")
+    if not capacity:
+        lines.append("| LoRA / int4 QAT | | not measured | | | |")
     lines += ["", "## The recovery job", "", "| job | wall s | R | perplexity teacher / degraded / recovered | status |",
               "|---|---:|---:|---|---|"]
     for part, label in (("job-default", "`hf-sdft recover` (defaults)"), ("job-int2", "quanto-int2 recipe, small-model flags")):
@@ -403,6 +519,8 @@ def main() -> None:
             part_loss(a, save)
         elif a.part == "steps":
             part_steps(a, save)
+        elif a.part == "capacity":
+            part_capacity(a, save)
         else:
             part_job(a, save, None if a.part == "job-default" else "quanto-int2")
         return

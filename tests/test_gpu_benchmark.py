@@ -18,7 +18,7 @@ def test_gpu_benchmark_smoke_runs_every_part_offline(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
-    assert results["smoke"] and set(results["parts"]) == {"loss", "steps", "job-default", "job-int2"}
+    assert results["smoke"] and set(results["parts"]) == {"loss", "steps", "capacity", "job-default", "job-int2"}
     for name, part in results["parts"].items():
         assert part["status"] == "ok", (name, part["status"])
     loss = results["parts"]["loss"]["rows"]
@@ -27,6 +27,10 @@ def test_gpu_benchmark_smoke_runs_every_part_offline(tmp_path):
     steps = results["parts"]["steps"]["rows"]
     assert {"plain CE (Trainer)", "SDFT default", "SDFT int4 QAT", "SDFT int2 QAT", "bare forward-KL loop"} <= set(steps)
     assert all(row["s_per_step"] > 0 for row in steps.values())
+    capacity = results["parts"]["capacity"]["rows"]  # toy shape, batches 1 and 2 (no memory limit on CPU)
+    assert set(capacity) == {f"{s} | {n}" for s in ("LoRA r16 (all linear), base = teacher",
+                                                    "int4 QAT, full fine-tuning (groups of 128)") for n in (32, 64)}
+    assert all(row["batch"] == 2 and row["tokens_per_s"] > 0 for row in capacity.values()), capacity
     for job in ("job-default", "job-int2"):
         row = results["parts"][job]["rows"]["job"]
         assert row["ppl"]["degraded"] > row["ppl"]["teacher"] and row["R"] is not None
