@@ -172,6 +172,21 @@ def part_loss(a, save: Saver) -> None:
 # ---------------------------------------------------------------------------- training steps
 
 
+def step_clock():
+    """A ``TrainerCallback`` whose ``ends`` records when each optimizer step ends (device synced)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.ends.append(time.perf_counter())
+
+    return Clock()
+
+
 def qwen3_shape(smoke: bool):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -184,7 +199,7 @@ def qwen3_shape(smoke: bool):
 
 def part_steps(a, save: Saver) -> None:
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from hf_sdft import SDFTConfig, SDFTTrainer
     from hf_sdft.compress.quantize import quantize_student
@@ -200,14 +215,6 @@ def part_steps(a, save: Saver) -> None:
     half = dev.type == "cuda"
     teacher = copy.deepcopy(base).to(dev, torch.bfloat16 if half else torch.float32).requires_grad_(False).eval()
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            self.ends.append(time.perf_counter())
-
     def median_step(ends):
         return statistics.median(b - a_ for a_, b in zip(ends[warmup - 1:], ends[warmup:]))
 
@@ -219,7 +226,7 @@ def part_steps(a, save: Saver) -> None:
         if quant:
             quantize_student(student, quant, group_size=32 if quant == "int2" else "auto")
         student = student.to(dev).requires_grad_(True)
-        mem0, clock = peak_reset(), Clock()
+        mem0, clock = peak_reset(), step_clock()
         if extra is None:
             trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, data_collator=pad,
                               callbacks=[clock])
@@ -294,7 +301,6 @@ def part_capacity(a, save: Saver) -> None:
 
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback
 
     from hf_sdft import SDFTConfig, SDFTTrainer
     from hf_sdft.compress.quantize import quantize_student
@@ -304,14 +310,6 @@ def part_capacity(a, save: Saver) -> None:
     teacher = qwen3_8b_shape(a.smoke, dev).requires_grad_(False).eval()
     vocab = teacher.config.vocab_size
     seqs, max_batch = ((32, 64), 2) if a.smoke else (CAPACITY_SEQS, CAPACITY_MAX_BATCH)
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            self.ends.append(time.perf_counter())
 
     def lora_student():
         return get_peft_model(teacher, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")), None
@@ -329,7 +327,7 @@ def part_capacity(a, save: Saver) -> None:
                           learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True,
                           logging_steps=10**6, use_cpu=dev.type == "cpu", bf16=dev.type == "cuda",
                           gradient_checkpointing=True, dataloader_drop_last=True, seed=0)
-        clock, mem0 = Clock(), peak_reset()
+        clock, mem0 = step_clock(), peak_reset()
         try:
             trainer = SDFTTrainer(model=student, args=args, teacher_model=teacher_model, train_dataset=train,
                                   data_collator=pad, callbacks=[clock])
