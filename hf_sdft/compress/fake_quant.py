@@ -264,6 +264,30 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None
     return dequantize_weight(codes_with(weight, bits, group_size, scale, shift), scale, shift, weight.shape)
 
 
+def forget_grids(model: nn.Module) -> None:
+    """Drop the fake-quantized weights that ``reuse_grid`` layers keep: call after every weight
+    update (hf-sdft's trainers do, from the optimizer's step hook). A layer also recomputes when its
+    weight's or grid's version counter moves, but optimizers do not always move it."""
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear):
+            module._reused = None
+
+
+class _Reused(torch.autograd.Function):
+    """Forward: a fake-quantized weight computed earlier for this very weight. Backward: the weight's
+    gradient as :func:`fake_quantize` gives it: unchanged (min/max grid), or only inside the held
+    grid's range (``inside``, a boolean mask of the weight's shape)."""
+
+    @staticmethod
+    def forward(ctx, weight, quantized, inside):
+        ctx.inside = inside
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.inside is None else grad * ctx.inside), None, None
+
+
 class FakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` (so PEFT can wrap it) that computes with its float weight fake-quantized to
     ``bits`` with ``group_size`` inputs per scale; the float weight is what trains.
@@ -281,7 +305,17 @@ class FakeQuantLinear(nn.Linear):
     ``symmetric`` (int4 / int2) puts the layer on the deployment grid of compressed-tensors and GGUF
     (``scale * q``, q signed, no zero point) instead of quanto's asymmetric one; ``fp16_scales``
     keeps every scale and shift it computes with on float16 values, so that formats storing float16
-    scales (GGUF) export it exactly."""
+    scales (GGUF) export it exactly.
+
+    ``reuse_grid`` (off by default) computes the fake-quantized weight once per weight update and
+    reuses it until the weight (or its held grid) changes: across gradient-accumulation micro-batches
+    and the recompute of gradient checkpointing, one fake-quantization per optimizer step instead of
+    one per forward, at the cost of keeping that weight (and, on a held grid, a boolean in-range
+    mask) between forwards; :func:`forget_grids` after every weight update (hf-sdft's trainers call
+    it). Values and gradients are those of :func:`fake_quantize`; learned scales never reuse (their
+    gradient needs the whole computation)."""
+
+    reuse_grid: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = None, device=None, dtype=None, symmetric: bool = False,
@@ -349,8 +383,35 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, self._fake_quantized(), self.bias)
 
     def _fake_quantized(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
-                             symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+        if not self.reuse_grid or self.learns_scales:  # the grid from the weight, every forward
+            return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
+                                 symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+        held = [t for t in (self.weight, self.weight_scale, self.weight_shift) if t is not None]
+        key = tuple((t.data_ptr(), t._version) for t in held)  # an optimizer step or a new grid changes it
+        cached = getattr(self, "_reused", None)
+        if cached is None or cached[0] != key:
+            cached = (key, *self._grid_and_range())
+            self._reused = cached
+        return _Reused.apply(self.weight, cached[1], cached[2])
+
+    @torch.no_grad()
+    def _grid_and_range(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fake-quantized weight and where :func:`fake_quantize` passes the weight's gradient:
+        everywhere on the min/max grid (None), inside the range on a held grid (a nonzero scale)."""
+        quantized = fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
+                                  symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+        if not self.holds_scales:
+            return quantized, None
+        scale = to_fp16_grid(self.weight_scale) if self.fp16_scales else self.weight_scale
+        shift = self.weight_shift
+        if shift is not None and self.fp16_scales:
+            shift = to_fp16_grid(shift)
+        grouped = _grouped(self.weight, self.group_size)
+        lo, hi = code_range(self.bits, symmetric=shift is None)
+        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+        rounded = torch.round((grouped if shift is None else grouped + shift) / divisor)
+        inside = (rounded >= lo) & (rounded <= hi) & (scale != 0)
+        return quantized, inside.reshape(self.weight.shape)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:

@@ -123,6 +123,13 @@ class SDFTArguments:
                   "learning_rate, without weight decay: Adam moves a parameter by about the learning rate per step, "
                   "large for a scale of 1e-2."},
     )
+    quant_reuse_grid: str = field(
+        default="auto",
+        metadata={"help": "Fake-quantized students: compute each layer's fake-quantized weight once per optimizer "
+                  "step and reuse it across gradient-accumulation micro-batches and gradient checkpointing's "
+                  "recompute, keeping one copy of those weights between forwards: auto (when "
+                  "gradient_accumulation_steps > 1 or gradient_checkpointing) | true | false."},
+    )
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample on-policy batches with vLLM through TRL's integration (CUDA and "
                                  "pip install 'trl[vllm]'); else model.generate."}
@@ -196,6 +203,8 @@ class SDFTArguments:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive number of tokens")
         if self.generation_temperature <= 0 or not 0.0 < self.generation_top_p <= 1.0 or self.generation_top_k < 0:
             raise ValueError("generation_temperature must be > 0, generation_top_p in (0, 1] and generation_top_k >= 0")
+        if str(self.quant_reuse_grid).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"quant_reuse_grid={self.quant_reuse_grid!r}: choose auto, true or false")
         if self.teacher_context not in TEACHER_CONTEXTS:
             raise ValueError(f"teacher_context={self.teacher_context!r}: choose one of {', '.join(TEACHER_CONTEXTS)}")
         if self.teacher_context == "demonstration" and self.on_policy_ratio == 0:

@@ -26,7 +26,7 @@ from trl import SFTTrainer
 
 from hf_sdft.cka.callback import CKACallback
 from hf_sdft.cka.metric import masked_linear_cka, sample_rows
-from hf_sdft.compress.fake_quant import scale_group, split_scale_parameters
+from hf_sdft.compress.fake_quant import FakeQuantLinear, forget_grids, scale_group, split_scale_parameters
 from hf_sdft.data import pad
 from hf_sdft.distributed import check_fsdp_launch
 from hf_sdft.modeling import (
@@ -138,6 +138,11 @@ class SDFTMixin:
         An optimizer passed to the Trainer is left as it is."""
         given = self.optimizer is not None
         optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_forgets_grids", False):  # reused fake-quant grids: stale after a step
+            # (optimizers update in place without always bumping a tensor's version counter)
+            modules = unwrap(model or self.model)
+            optimizer.register_step_post_hook(lambda *_: forget_grids(modules))
+            optimizer._forgets_grids = True
         _, scales = split_scale_parameters((model or self.model).named_parameters())
         scales = {id(p) for p in scales}
         if given or not scales or not hasattr(optimizer, "param_groups"):
@@ -180,9 +185,21 @@ class SDFTMixin:
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CKACallback):  # it measures against this trainer's teacher
                 cb.bind(self)
+        self._reuse_fake_quant_grids()
         self._resumed_from = None
         if self.on_policy is not None or self.args.teacher_model_kind == "ema":
             self.add_callback(ResumeStateCallback(self))  # what a checkpoint must carry besides the Trainer's own
+
+    def _reuse_fake_quant_grids(self) -> None:
+        """``quant_reuse_grid``: fake-quantized layers compute their grid once per optimizer step
+        (:attr:`~hf_sdft.compress.fake_quant.FakeQuantLinear.reuse_grid`) where a step runs several
+        forwards of the same weights (auto: gradient accumulation or checkpointing)."""
+        choice = str(self.args.quant_reuse_grid).lower()
+        several = self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing)
+        reuse = choice == "true" or (choice == "auto" and several)
+        for module in unwrap(self.model).modules():
+            if isinstance(module, FakeQuantLinear):
+                module.reuse_grid = reuse
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's ``train``, remembering the checkpoint it resumes from (for
