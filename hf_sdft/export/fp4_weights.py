@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from hf_sdft.export.student_weights import Entry, _lazy, _safetensors_files, _skeleton_shapes
+from hf_sdft.export.student_weights import Entry, _lazy, _safetensors_files, _skeleton_shapes, read_tensor
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 BLOCK = {"nvfp4": 16, "mxfp4": 32}
@@ -229,10 +229,9 @@ def read_ct_fp4_folder(folder, config, qconfig: dict):
             module = key.removesuffix(".weight_packed")
 
             def load(module=module):
-                with safe_open(str(path), "pt") as f:
-                    elements = unpack_uint8(f.get_tensor(f"{module}.weight_packed"))
-                    scale = f.get_tensor(f"{module}.weight_scale")
-                    g = f.get_tensor(f"{module}.weight_global_scale").float() if fmt == "nvfp4" else None
+                elements = unpack_uint8(read_tensor(path, f"{module}.weight_packed"))
+                scale = read_tensor(path, f"{module}.weight_scale")
+                g = read_tensor(path, f"{module}.weight_global_scale").float() if fmt == "nvfp4" else None
                 scale = scale.float() if fmt == "nvfp4" else from_e8m0(scale)
                 return FP4Weight(fmt, elements, scale, g)
 
