@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 TEACHER_PROMPT = "teacher_prompt_ids"  # column: the demonstration teacher's prompt tokens (on-policy batches)
@@ -146,9 +148,14 @@ def load_examples(
     raise ValueError("no dataset: set dataset_name or a data file")
 
 
+def column_names(ds) -> list[str]:
+    """A dataset's columns; a stream that does not know them yet is asked for its first row."""
+    return getattr(ds, "column_names", None) or list(next(iter(ds)).keys())
+
+
 def data_format(ds: Dataset, text_field: str = "text") -> str:
     """``"chat"`` (``messages``, or ``prompt`` + ``completion``) or ``"text"`` (``text_field``)."""
-    columns = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its columns yet
+    columns = column_names(ds)
     if "messages" in columns or {"prompt", "completion"} <= set(columns):
         return "chat"
     if text_field in columns:
@@ -429,24 +436,10 @@ def splits_at_line_ends(tokenizer) -> bool:
 _CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def document_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """``text`` cut after a ``\\n`` between non-space characters into pieces of about ``max_chars``
-    (a piece may be longer where no such point is near). Only for a tokenizer that
-    :func:`splits_at_line_ends`."""
-    start = 0
-    while len(text) - start > max_chars:
-        cut = _CUT.search(text, start + max_chars)
-        if cut is None:
-            break
-        yield text[start:cut.end()]
-        start = cut.end()
-    yield text[start:]
-
-
 def _txt_chunks(path: Path, size: int = 1 << 22) -> Iterator[str]:
     """The file's text (universal newlines, as ``read_text``) in chunks; a bad byte names the file and offset."""
     with path.open("rb") as raw:
-        decoder, offset = __import__("codecs").getincrementaldecoder("utf-8")(), 0
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
         carry_cr = False
         while True:
             data = raw.read(size)
@@ -565,16 +558,14 @@ def _tokenize_batch(batch: dict, tokenizer, text_field: str, pieces: bool) -> di
     return {"ids": out}
 
 
-def _blocks(tokenized, block_size: int, max_blocks: int | None, batch_size: int = MAP_BATCH):
+def _blocks(batches: Iterator[dict], block_size: int, max_blocks: int | None):
     """Rows ``{"input_ids", "attention_mask"}`` of ``block_size`` tokens cut from the documents'
-    concatenated tokens, reading ``tokenized`` (rows with ``ids``) a batch at a time."""
+    concatenated tokens, read from ``batches`` of tokenized documents (``{"ids": [[...], ...]}``)."""
     carry = np.zeros(0, dtype=np.int64)
     n = 0
     ones = [1] * block_size
-    rows = tokenized.iter(batch_size=batch_size) if hasattr(tokenized, "iter") else tokenized
-    for batch in rows:
-        lists = batch["ids"] if isinstance(batch, dict) else [batch]
-        flat = [t for ids in lists for t in ids]
+    for batch in batches:
+        flat = [t for ids in batch["ids"] for t in ids]
         carry = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
         full = len(carry) // block_size
         for i in range(full):
@@ -593,7 +584,7 @@ def pack_arrow(tokenizer, ds, block_size: int, max_blocks: int | None = None, te
     column (the collator :func:`pad` sets labels = input_ids)."""
     from datasets import Features, Sequence, Value
 
-    columns = getattr(ds, "column_names", None) or list(next(iter(ds)).keys())
+    columns = column_names(ds)
     pieces = {"first", "last"} <= set(columns)
     kwargs = dict(batched=True, batch_size=MAP_BATCH, remove_columns=columns,
                   fn_kwargs={"tokenizer": tokenizer, "text_field": text_field, "pieces": pieces})
@@ -617,6 +608,10 @@ def pack_arrow(tokenizer, ds, block_size: int, max_blocks: int | None = None, te
 
     try:
         return Dataset.from_generator(gen, features=features, cache_dir=_arrow_dir(), fingerprint=_fresh())
+    except DatasetGenerationError as err:  # reading the data failed: our error names the file, raise it
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
     except Exception:
         if seen["blocks"] or not seen["done"]:  # not the empty generator datasets refuses
             raise
@@ -634,8 +629,6 @@ def train_examples(*, dataset_name=None, dataset_config_name=None, data_file=Non
     if data_file is not None and Path(data_file).suffix == ".txt" and Path(data_file).is_file():
         if Path(data_file).stat().st_size == 0:
             raise ValueError(f"data file {data_file} is empty: give a file that holds text")
-        for _ in _txt_chunks(Path(data_file)):  # decoded once here, a chunk at a time: a bad byte is named
-            pass                               # now, not wrapped in the dataset generator's error later
         return txt_dataset(data_file, txt_sample_by, piece_chars)
     if data_file is None and dataset_name is not None and streaming:
         return load_dataset(dataset_name, dataset_config_name, split=split, streaming=True)
