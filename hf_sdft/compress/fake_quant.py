@@ -195,11 +195,14 @@ def codes_with(weight: torch.Tensor, bits: int, group_size: int | None, scale: t
     straight-through rounding (LSQ): inside the range ``d code / d w = 1 / scale``, outside 0. A
     zero scale (a constant group) divides by 1 instead: its values are ``-shift`` whatever the code.
     A grid without shift is symmetric (signed codes, see :func:`code_range`)."""
-    grouped = _grouped(weight, group_size)
     lo, hi = code_range(bits, symmetric=shift is None)
+    return torch.clamp(straight_through(torch.round, _in_steps(_grouped(weight, group_size), scale, shift)), lo, hi)
+
+
+def _in_steps(grouped: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``(w + shift) / scale`` (grouped), the value a code rounds; a zero scale divides by 1."""
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    x = (grouped if shift is None else grouped + shift) / divisor
-    return torch.clamp(straight_through(torch.round, x), lo, hi)
+    return (grouped if shift is None else grouped + shift) / divisor
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None,
@@ -384,8 +387,7 @@ class FakeQuantLinear(nn.Linear):
 
     def _fake_quantized(self) -> torch.Tensor:
         if not self.reuse_grid or self.learns_scales:  # the grid from the weight, every forward
-            return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
-                                 symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+            return self._fake_quantized_now()
         held = [t for t in (self.weight, self.weight_scale, self.weight_shift) if t is not None]
         key = tuple((t.data_ptr(), t._version) for t in held)  # an optimizer step or a new grid changes it
         cached = getattr(self, "_reused", None)
@@ -398,20 +400,20 @@ class FakeQuantLinear(nn.Linear):
     def _grid_and_range(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fake-quantized weight and where :func:`fake_quantize` passes the weight's gradient:
         everywhere on the min/max grid (None), inside the range on a held grid (a nonzero scale)."""
-        quantized = fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
-                                  symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+        quantized = self._fake_quantized_now()  # the values are fake_quantize's own, by construction
         if not self.holds_scales:
             return quantized, None
-        scale = to_fp16_grid(self.weight_scale) if self.fp16_scales else self.weight_scale
-        shift = self.weight_shift
-        if shift is not None and self.fp16_scales:
-            shift = to_fp16_grid(shift)
-        grouped = _grouped(self.weight, self.group_size)
+        scale, shift = self.weight_scale, self.weight_shift
+        if self.fp16_scales:  # as fake_quantize computes with them
+            scale, shift = to_fp16_grid(scale), None if shift is None else to_fp16_grid(shift)
+        rounded = torch.round(_in_steps(_grouped(self.weight, self.group_size), scale, shift))
         lo, hi = code_range(self.bits, symmetric=shift is None)
-        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-        rounded = torch.round((grouped if shift is None else grouped + shift) / divisor)
         inside = (rounded >= lo) & (rounded <= hi) & (scale != 0)
         return quantized, inside.reshape(self.weight.shape)
+
+    def _fake_quantized_now(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
+                             symmetric=self.symmetric, fp16_scales=self.fp16_scales)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
@@ -460,8 +462,7 @@ def _grid_error(grouped: torch.Tensor, bits: int, low: torch.Tensor | None, high
     computes it, in place."""
     scale, shift = _scales_from(low, high, bits, r, fp16_scales)
     lo, hi = code_range(bits, symmetric=shift is None)
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    v = ((grouped if shift is None else grouped + shift) / divisor).round_().clamp_(lo, hi).mul_(scale)
+    v = _in_steps(grouped, scale, shift).round_().clamp_(lo, hi).mul_(scale)
     if shift is not None:
         v.sub_(shift)
     return torch.sub(grouped, v, out=v)
