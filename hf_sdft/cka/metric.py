@@ -111,13 +111,13 @@ def masked_linear_cka(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *,
     w = weight.to(torch.float32)[:, None]
     n = w.sum().clamp(min=2.0)  # fewer than 2 kept rows: no geometry, CKA 0 through _safe_ratio
 
+    x, y = x.to(torch.float32), y.to(torch.float32)  # once: both the centring and the scales read them
+
     def centered(f):
-        f = f.to(torch.float32)
         return (f - (f * w).sum(0, keepdim=True) / n) * w  # dropped rows are zero: they add nothing
 
-    xc, yc = centered(x), centered(y)
-    scale_x, scale_y = ((x.float().square() * w).sum() / n) ** 2, ((y.float().square() * w).sum() / n) ** 2
-    low_x, low_y = xc.to(dtype), yc.to(dtype)
+    scale_x, scale_y = ((x.square() * w).sum() / n) ** 2, ((y.square() * w).sum() / n) ** 2
+    low_x, low_y = centered(x).to(dtype), centered(y).to(dtype)
 
     def hsic(a, b):  # ‖BᵀA‖²_F / (n − 1)²: the biased estimator in feature space
         return (b.T @ a).float().square().sum() / (n - 1) ** 2
