@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS
 
 
 def make_corpus(path: Path, tokens: int, seed: int = 0) -> int:

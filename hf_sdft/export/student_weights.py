@@ -146,29 +146,21 @@ def _safetensors_files(folder: Path) -> list[Path]:
                             "save_pretrained / hf-sdft recover, or give the folder that holds its weights")
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header and where its data starts."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length)), 8 + length
-
-
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of a safetensors file, read with plain file reads into its own buffer: unlike a
     memory map (``safe_open``), the file's pages never count as this process's memory, so a tensor
     costs its size once."""
-    header, start = _header(path)
-    if key not in header:
-        raise KeyError(f"{path} holds no tensor {key}")
-    info = header[key]
-    dtype = READ_DTYPES[info["dtype"]]
-    begin, end = info["data_offsets"]
-    out = torch.empty(info["shape"], dtype=dtype)
-    if end > begin:
-        buffer = out.view(-1).view(torch.uint8).numpy()
-        with open(path, "rb") as f:
-            f.seek(start + begin)
-            if f.readinto(buffer) != end - begin:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if key not in header:
+            raise KeyError(f"{path} holds no tensor {key}")
+        info = header[key]
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=READ_DTYPES[info["dtype"]])
+        if end > begin:
+            f.seek(8 + length + begin)
+            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
                 raise OSError(f"{path}: tensor {key} is cut short (the file is truncated)")
     return out
 

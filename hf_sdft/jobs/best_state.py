@@ -89,6 +89,12 @@ class KeepBestCallback(TrainerCallback):
     def _file(self, step: int) -> Path:
         return self.folder / f"step-{step}.safetensors"
 
+    def _keep(self, args, model, step: int) -> None:
+        """Write the model's trainable tensors as the state of ``step`` (process 0)."""
+        if args.should_save:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_tensors(model), str(self._file(step)))
+
     @staticmethod
     def history(state) -> list[tuple[int, float]]:
         """``[(step, held-out perplexity)]`` measured so far (from the log history: kept through resumes)."""
@@ -111,9 +117,8 @@ class KeepBestCallback(TrainerCallback):
             state.log_history.append({**logs, "step": state.global_step})
         if self.best is None or ppl < self.best[1]:
             self.best = (state.global_step, ppl)
-            if args.should_save and self.restore:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                save_file(trainable_tensors(model), str(self._file(state.global_step)))
+            if self.restore:
+                self._keep(args, model, state.global_step)
         elif self.patience is not None:
             since = sum(1 for step, _ in self.history(state) if step > self.best[0])
             if since >= self.patience:
@@ -136,9 +141,7 @@ class KeepBestCallback(TrainerCallback):
                 here = dict(history).get(state.global_step)
                 if here is not None:
                     self.best = (state.global_step, here)
-                    if args.should_save:
-                        self.folder.mkdir(parents=True, exist_ok=True)
-                        save_file(trainable_tensors(model), str(self._file(state.global_step)))
+                    self._keep(args, model, state.global_step)
         self._evaluate(args, state, control, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -193,7 +193,7 @@ class RecoveryArguments:
                 and self.degradation == "quanto":
             raise ValueError("block_reconstruction needs weight-only quantization (FakeQuantLinear): quantized "
                              "activations (quant_activations) have no straight-through gradient here")
-        self._check_keep_best()
+        self._check_counts()
         if self.teacher_cache is not None and not Path(self.teacher_cache, "dataset_info.json").is_file():
             raise FileNotFoundError(f"teacher_cache={self.teacher_cache} is not a folder written by hf-sdft cache-teacher")
         self.check_degradation_options()
@@ -213,7 +213,7 @@ class RecoveryArguments:
                 prefix = DEGRADATION_PREFIXES[self.degradation]
                 raise ValueError(f"{self.degradation} options ({prefix}_*): {err}") from None
 
-    def _check_keep_best(self) -> None:
+    def _check_counts(self) -> None:
         for name in ("eval_every_n_steps", "early_stopping_patience", "max_train_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -198,7 +198,6 @@ def train(student: Student, original: Original, rec: RecoveryArguments, args: SD
 def load_teacher_cache(rec: RecoveryArguments, original: Original):
     """The teacher cache, once checked against this run (teacher config and weights, tokenizer,
     block size, training data, intact shards: :func:`~hf_sdft.trainer.teacher_cache.verify_cache`)."""
-
     verify_cache(rec.teacher_cache, teacher_identity(original.model, original.tokenizer, original.data.train,
                                                      rec.block_size))
     return load_from_disk(rec.teacher_cache)

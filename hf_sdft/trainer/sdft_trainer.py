@@ -138,9 +138,10 @@ class SDFTMixin:
         An optimizer passed to the Trainer is left as it is."""
         given = self.optimizer is not None
         optimizer = super().create_optimizer(model)
-        if not getattr(optimizer, "_forgets_grids", False):  # reused fake-quant grids: stale after a step
-            # (optimizers update in place without always bumping a tensor's version counter)
-            modules = unwrap(model or self.model)
+        modules = unwrap(model or self.model)
+        reusing = any(getattr(m, "reuse_grid", False) for m in modules.modules())
+        if reusing and not getattr(optimizer, "_forgets_grids", False):  # reused fake-quant grids: stale after
+            # a step (optimizers update in place without always bumping a tensor's version counter)
             optimizer.register_step_post_hook(lambda *_: forget_grids(modules))
             optimizer._forgets_grids = True
         _, scales = split_scale_parameters((model or self.model).named_parameters())

@@ -14,6 +14,14 @@ from tests.helpers import make_model, make_texts, make_tokenizer, perturb
 from tests.trainer.test_trainer import sdft_trainer
 
 
+def count_fake_quantizations(monkeypatch) -> list:
+    """A list that grows by one at every fake_quantize call from now on."""
+    calls = []
+    original = fq.fake_quantize
+    monkeypatch.setattr(fq, "fake_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
 def pair(held: bool, symmetric: bool):
     torch.manual_seed(0)
     every = FakeQuantLinear.from_linear(torch.nn.Linear(64, 16), 4, 32, symmetric=symmetric, fp16_scales=True)
@@ -30,9 +38,7 @@ def pair(held: bool, symmetric: bool):
 @pytest.mark.parametrize("held", [False, True])
 def test_reused_grid_gives_the_same_values_and_gradients(held, symmetric, monkeypatch):
     every, reused = pair(held, symmetric)
-    calls = []
-    original = fq.fake_quantize
-    monkeypatch.setattr(fq, "fake_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = count_fake_quantizations(monkeypatch)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # two optimizer steps of three micro-batches
         for micro in range(3):
@@ -57,9 +63,7 @@ def test_reused_grid_gives_the_same_values_and_gradients(held, symmetric, monkey
 def test_learned_scales_never_reuse(monkeypatch):
     layer = FakeQuantLinear.from_linear(torch.nn.Linear(64, 16), 4, 32).hold_scales(learnable=True)
     layer.reuse_grid = True
-    calls = []
-    original = fq.fake_quantize
-    monkeypatch.setattr(fq, "fake_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = count_fake_quantizations(monkeypatch)
     layer(torch.randn(2, 64)).sum().backward()
     layer(torch.randn(2, 64)).sum().backward()
     assert len(calls) == 2 and layer.weight_scale.grad is not None
@@ -71,9 +75,7 @@ def fake_quantizations_per_step(tmp_path, reuse: str, monkeypatch) -> tuple[int,
     trainer = sdft_trainer(tmp_path, student, teacher, make_tokenizer(), make_texts(32), max_steps=2,
                            per_device_train_batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
                            quant_reuse_grid=reuse, learning_rate=1e-2)
-    calls = []
-    original = fq.fake_quantize
-    monkeypatch.setattr(fq, "fake_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = count_fake_quantizations(monkeypatch)
     trainer.train()
     return len(calls) // len(quantized_modules(student)), {k: v.detach().clone() for k, v in student.state_dict().items()}
 
