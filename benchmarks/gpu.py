@@ -3,6 +3,8 @@ its own time box (a subprocess stopped at its limit; what it finished is kept, t
 reported as not measured).
 
     python benchmarks/gpu.py            # on a CUDA machine; writes benchmarks/results/gpu.md + gpu.json
+    python benchmarks/gpu.py --parts loss steps profile; python benchmarks/gpu.py --update --parts capacity job-default job-int2
+                                        # the same in two calls of at most 10 minutes each
     python benchmarks/gpu.py --smoke    # every part at toy sizes on CPU in about a minute (a test runs it)
 
 Parts:
@@ -10,11 +12,17 @@ Parts:
   H 1024 / V 151,936 and H 4096 / V 128,256: hf-sdft's fused loss with its default chunk kernel
   (Triton on CUDA) and with the PyTorch chunk, Liger's ``LigerFusedLinearJSD(jsd_beta=0)`` when
   liger-kernel is installed, and the unfused loss on full logits (first shape only). Median time
-  of 5 calls after 2 warm-ups; peak memory above the inputs.
+  of 5 calls after 2 warm-ups; peak memory above the inputs. Where the memory goes (first shape):
+  the default call with its head gradient accumulated by row blocks, and with 128-row chunks; on
+  CUDA, the blocks alive at the default call's peak by allocation site (the allocator's memory
+  history).
 - steps: seconds per optimizer step of a Qwen3-0.6B-shaped model (random weights, batch 8 × 1024
   tokens, ``bf16``, AdamW, median of 6 steps after 2) and peak memory: plain ``Trainer`` CE, SDFT
   default, SDFT with the PyTorch chunk, SDFT unfused, SDFT + CKA loss (all positions, and 2048 sampled), int4 and int2 QAT students
   (SDFT default), and the bare CE and forward-KL loops (AdamW, no Trainer, bf16 autocast).
+- profile: one SDFT default step of the steps part's shape under ``torch.profiler``: the top
+  operators by self time on the device, and the host syncs (CUDA synchronize calls, ``.item()``,
+  ``nonzero``).
 - capacity: what fits on this GPU for Qwen3-8B's shape (random weights, the bfloat16 teacher on the
   GPU): for a LoRA student (r 16 on every linear layer, the teacher its frozen base, adapters off)
   and an int4 QAT student (full fine-tuning, groups of 128), per sequence length (1024, 2048,
@@ -45,8 +53,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, bare_loss  # noqa: E402
 
-BUDGET_S = {"loss": 75, "steps": 170, "capacity": 240, "job-default": 75, "job-int2": 75}  # GPU time boxes: 635 s
-SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "capacity": 90, "job-default": 120, "job-int2": 120}
+BUDGET_S = {"loss": 90, "steps": 170, "profile": 60, "capacity": 240, "job-default": 75,
+            "job-int2": 75}  # GPU time boxes: 710 s (two calls of the device tool: --parts loss steps profile, then the rest)
+SMOKE_BUDGET_S = {"loss": 60, "steps": 90, "profile": 60, "capacity": 90, "job-default": 120, "job-int2": 120}
 CAPACITY_SEQS, CAPACITY_MAX_BATCH = (1024, 2048, 4096), 64
 SHAPES = [(1024, 151_936), (4096, 128_256)]  # (hidden, vocabulary): Qwen3-0.6B's head, Llama-3-8B's head
 SMALL_MODEL = ["--block_size", "128", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
@@ -116,6 +125,60 @@ def time_calls(fn, warmup: int, reps: int) -> tuple[float, float | None]:
     return statistics.median(times), peak_gib(base)
 
 
+def row_blocks(fn):
+    """``fn()`` with the fused loss's head gradient accumulated by row blocks (its CPU way) instead
+    of one float32-accumulating GEMM per chunk."""
+    from hf_sdft.trainer import fused
+
+    saved = dict(fused._FP32_ACCUMULATING_MM)
+    fused._FP32_ACCUMULATING_MM[device()] = False
+    try:
+        fn()
+    finally:
+        fused._FP32_ACCUMULATING_MM.clear()
+        fused._FP32_ACCUMULATING_MM.update(saved)
+
+
+def live_at_peak(trace: list[dict], top: int = 12) -> dict:
+    """From a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``): the
+    peak of bytes allocated during the trace and the blocks alive at it, summed per allocation
+    site (the first hf_sdft frame, else the first frame outside torch), largest first."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        action, addr = event["action"], event["addr"]
+        if action == "alloc":
+            live[addr] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action in ("free_requested", "free_completed") and addr in live:
+            total -= live.pop(addr)["size"]
+    sites: dict[str, list] = {}
+    for event in at_peak.values():
+        frames = event.get("frames") or []
+        ours = [f for f in frames if "/hf_sdft/" in f["filename"]] or \
+            [f for f in frames if "/torch/" not in f["filename"]] or frames
+        where = f"{Path(ours[0]['filename']).name}:{ours[0]['line']} {ours[0]['name']}" if ours else "unknown"
+        site = sites.setdefault(where, [0, 0])
+        site[0] += event["size"]
+        site[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_mib": peak / 2**20, "sites": [{"where": w, "mib": b / 2**20, "blocks": n} for w, (b, n) in ranked]}
+
+
+def memory_at_peak(fn) -> dict:
+    """One ``fn()`` under the CUDA allocator's memory history: :func:`live_at_peak` of its trace."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return live_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
+
+
 def part_loss(a, save: Saver) -> None:
     from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
     from hf_sdft.trainer.losses import distillation_loss
@@ -144,11 +207,18 @@ def part_loss(a, save: Saver) -> None:
             loss.backward()
             hs.grad = ws.grad = None
 
+        def default():
+            backward(fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0)[0])
+
         methods = {
-            "hf-sdft fused (default kernel)": lambda: backward(fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0)[0]),
+            "hf-sdft fused (default kernel)": default,
             "hf-sdft fused (PyTorch chunk)": lambda: backward(
                 fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0, kernel="torch")[0]),
         }
+        if hidden == shapes[0][0]:  # where the memory above Liger's goes: the head-gradient GEMM, the chunk?
+            methods["hf-sdft fused (default kernel, head gradient by row blocks)"] = lambda: row_blocks(default)
+            methods["hf-sdft fused (default kernel, 128-row chunks)"] = lambda: backward(
+                fused_linear_kd_ce_loss(hs, ws, ht, wt, kd_ratio=1.0, chunk_size=128)[0])
         if LigerFusedLinearJSD is not None and dev.type == "cuda":
             liger = LigerFusedLinearJSD(jsd_beta=0.0)  # β = 0: forward KL
             methods["Liger LigerFusedLinearJSD(jsd_beta=0)"] = lambda: backward(liger(hs, ws, ht, wt, None))
@@ -162,6 +232,8 @@ def part_loss(a, save: Saver) -> None:
             except torch.OutOfMemoryError as e:
                 save[key] = {"error": f"out of memory: {str(e)[:120]}"}
                 hs.grad = ws.grad = None
+        if dev.type == "cuda":
+            save[f"_memory at peak | H {hidden} / V {vocab}"] = memory_at_peak(default)
         if LigerFusedLinearJSD is None:
             save[f"H {hidden} / V {vocab} | Liger LigerFusedLinearJSD(jsd_beta=0)"] = {"error": "liger-kernel not installed"}
         elif dev.type != "cuda":
@@ -197,8 +269,32 @@ def qwen3_shape(smoke: bool):
                                         else 8, max_position_embeddings=4096, tie_word_embeddings=True))
 
 
-def part_steps(a, save: Saver) -> None:
+STEP_SHAPE = (8, 1024, 2, 6)  # batch, sequence, warm-up steps, timed steps
+
+
+def step_inputs(smoke: bool, rows: int, seq: int):
+    """The steps' model (Qwen3-0.6B's shape), its frozen copy as the teacher (bfloat16 on CUDA),
+    ``rows`` random sequences of ``seq`` tokens and the dataset of them."""
     from datasets import Dataset
+
+    base = qwen3_shape(smoke)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(base.config.vocab_size, (rows, seq), generator=g)
+    dev = device()
+    teacher = copy.deepcopy(base).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return base, teacher.requires_grad_(False).eval(), ids, Dataset.from_dict({"input_ids": ids.tolist(),
+                                                                               "labels": ids.tolist()})
+
+
+def step_args(dev: torch.device, batch: int, steps: int) -> dict:
+    """The training arguments every timed Trainer shares (bf16 on CUDA, nothing saved or logged)."""
+    return dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True,
+                logging_steps=10**6, use_cpu=dev.type == "cpu", bf16=dev.type == "cuda", dataloader_drop_last=True,
+                seed=0)
+
+
+def part_steps(a, save: Saver) -> None:
     from transformers import Trainer, TrainingArguments
 
     from hf_sdft import SDFTConfig, SDFTTrainer
@@ -206,22 +302,15 @@ def part_steps(a, save: Saver) -> None:
     from hf_sdft.data import pad
 
     dev = device()
-    batch, seq, warmup, timed = (8, 1024, 2, 6) if not a.smoke else (2, 64, 1, 2)
-    base = qwen3_shape(a.smoke)
-    vocab = base.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (batch * (warmup + timed + 1), seq), generator=g)
-    train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    batch, seq, warmup, timed = STEP_SHAPE if not a.smoke else (2, 64, 1, 2)
+    base, teacher, ids, train = step_inputs(a.smoke, batch * (warmup + timed + 1), seq)
     half = dev.type == "cuda"
-    teacher = copy.deepcopy(base).to(dev, torch.bfloat16 if half else torch.float32).requires_grad_(False).eval()
 
     def median_step(ends):
         return statistics.median(b - a_ for a_, b in zip(ends[warmup - 1:], ends[warmup:]))
 
     def trainer_row(extra: dict | None, quant: str | None = None):
-        common = dict(output_dir=tempfile.mkdtemp(), max_steps=warmup + timed, per_device_train_batch_size=batch,
-                      learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True,
-                      logging_steps=10**6, use_cpu=dev.type == "cpu", bf16=half, dataloader_drop_last=True, seed=0)
+        common = step_args(dev, batch, warmup + timed)
         student = copy.deepcopy(base)
         if quant:
             quantize_student(student, quant, group_size=32 if quant == "int2" else "auto")
@@ -271,6 +360,46 @@ def part_steps(a, save: Saver) -> None:
         except torch.OutOfMemoryError as e:
             result = {"error": f"out of memory: {str(e)[:120]}"}
         save[name] = {**result, "wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- one step, profiled
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+               "aten::nonzero")  # the host waits for the device (the last two: where, in torch's ops)
+
+
+def part_profile(a, save: Saver) -> None:
+    """One SDFT default step (the steps part's shape, after its warm-up steps) under torch.profiler:
+    the operators with the most self time on the device (CPU with ``--smoke``) and the host syncs."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    from hf_sdft import SDFTConfig, SDFTTrainer
+    from hf_sdft.data import pad
+
+    dev = device()
+    batch, seq, warmup, _ = STEP_SHAPE if not a.smoke else (2, 64, 1, 2)
+    base, teacher, _, train = step_inputs(a.smoke, batch * (warmup + 2), seq)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof = profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=1, repeat=1))
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            prof.step()
+
+    trainer = SDFTTrainer(model=copy.deepcopy(base).to(dev), args=SDFTConfig(**step_args(dev, batch, warmup + 1)),
+                          teacher_model=teacher, train_dataset=train, data_collator=pad, callbacks=[Step()])
+    with prof:
+        trainer.train()
+    events = prof.key_averages()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1
+    top = sorted((e for e in events if not e.key.startswith("ProfilerStep")), key=lambda e: -getattr(e, key))[:20]
+    save["top operators"] = [{"name": e.key[:90], "calls": e.count, "self_ms": getattr(e, key) / 1e3,
+                              "share": getattr(e, key) / total} for e in top]
+    save["host syncs"] = {name: sum(e.count for e in events if e.key == name) for name in SYNC_EVENTS}
+    save["clock"] = "device (CUDA kernels)" if dev.type == "cuda" else "CPU"
 
 
 # ---------------------------------------------------------------------------- what fits on one GPU
@@ -450,6 +579,12 @@ def report(results: dict) -> str:
             lines.append(f"| {shape} | {method} | {row['ms']:.1f} | {fmt(row['peak_gib'], '.2f')} | {vs} |")
     for name, value in loss.get("_probe", {}).items():
         lines += ["", f"`{name}` on this device: {value}."]
+    for key, row in loss.items():
+        if key.startswith("_memory at peak"):
+            lines += ["", f"Memory of one default fused call at its peak ({key.split(' | ')[1]}, "
+                      f"{row['peak_mib']:.0f} MiB above the inputs, CUDA allocator history), by allocation site:", "",
+                      "| site | MiB | blocks |", "|---|---:|---:|"]
+            lines += [f"| `{site['where']}` | {site['mib']:.1f} | {site['blocks']} |" for site in row["sites"]]
     steps = parts.get("steps", {}).get("rows", {})
     lines += ["", "## Training steps (Qwen3-0.6B shape, random weights, batch 8 × 1024, bf16, AdamW)", "", status("steps"), "",
               "| row | s / step | × plain CE | peak GiB | target |", "|---|---:|---:|---:|---|"]
@@ -472,6 +607,16 @@ def report(results: dict) -> str:
     for name in ("plain CE (Trainer)", "SDFT default", "SDFT int4 QAT", "SDFT int2 QAT"):
         if name not in steps:
             lines.append(f"| {name} | not measured | | | |")
+    profiled = parts.get("profile", {}).get("rows", {})
+    lines += ["", "## One SDFT default step, profiled (steps part's shape)", "", status("profile")]
+    if profiled.get("top operators"):
+        lines += ["", f"Self time on the {profiled['clock']} clock, top operators:", "",
+                  "| operator | calls | self ms | share |", "|---|---:|---:|---:|"]
+        lines += [f"| `{r['name']}` | {r['calls']} | {r['self_ms']:.2f} | {r['share']:.1%} |"
+                  for r in profiled["top operators"]]
+        lines += ["", "Host syncs in the step: " + ", ".join(f"{k} {v}" for k, v in profiled["host syncs"].items()) + "."]
+    else:
+        lines += ["", "not measured"]
     capacity = parts.get("capacity", {}).get("rows", {})
     lines += ["", "## What fits: Qwen3-8B shape, bfloat16 teacher on the GPU, SDFT with gradient checkpointing", "",
               status("capacity"), "", "| student | sequence | largest batch | s / step | tokens / s | peak GiB |",
@@ -519,6 +664,8 @@ def main() -> None:
             part_steps(a, save)
         elif a.part == "capacity":
             part_capacity(a, save)
+        elif a.part == "profile":
+            part_profile(a, save)
         else:
             part_job(a, save, None if a.part == "job-default" else "quanto-int2")
         return

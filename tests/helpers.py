@@ -69,3 +69,20 @@ def cpu_args(**kw) -> dict:
     )
     base.update(kw)
     return base
+
+
+def allocation_trace(fn) -> tuple[int, list[int]]:
+    """Run ``fn()`` under torch's profiler and read its allocator events: the peak of bytes allocated
+    above what was live before, and the size of every allocation in order (an allocation count that
+    works on CPU, where no device memory statistics exist)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, [e.nbytes() for e in events if e.nbytes() > 0]

@@ -61,7 +61,7 @@ TRAINING_FIELDS = (  # transformers.TrainingArguments fields that shape the resu
     "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
     "label_smoothing_factor", "neftune_noise_alpha", "full_determinism",
 )
-SDFT_SKIPPED = ("teacher_device", "use_kernels", "kd_chunk_size", "kd_fused", "kd_kernel",
+SDFT_SKIPPED = ("teacher_device", "use_kernels", "kd_chunk_size", "kd_chunk_memory_mb", "kd_fused", "kd_kernel",
                 "quant_reuse_grid")  # how, not what
 JOB_SKIPPED = ("eval_tasks", "eval_limit", "eval_batch_size", "export_formats", "export_allow_rounding", "hub_format",
                "overwrite_output_dir")

@@ -66,6 +66,11 @@ class SDFTArguments:
         default=None, metadata={"help": "Positions per chunk in the KD loss, to cap float32 logits memory "
                                 "(fused: default sized from the vocabulary and hidden size)."}
     )
+    kd_chunk_memory_mb: float | None = field(
+        default=None, metadata={"help": "Memory (MiB) a chunk of the fused KD loss may hold; the chunk shrinks to fit "
+                                "(kd_chunk_size unset). Unset: half of the GPU's free memory at each call; no cap "
+                                "on CPU."}
+    )
     kd_fused: bool = field(
         default=True,
         metadata={"help": "Apply the output heads inside the loss, chunk by chunk, so that no (tokens × vocabulary) "
@@ -180,6 +185,8 @@ class SDFTArguments:
             raise ValueError("output_loss_weight=0 and cka_weight=0 leave nothing to train: set cka_weight > 0")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size={self.kd_chunk_size} must be a positive number of positions")
+        if self.kd_chunk_memory_mb is not None and self.kd_chunk_memory_mb <= 0:
+            raise ValueError(f"kd_chunk_memory_mb={self.kd_chunk_memory_mb} must be a positive number of MiB")
         if self.kd_kernel not in KERNELS:
             raise ValueError(f"kd_kernel={self.kd_kernel!r}: choose one of {', '.join(KERNELS)}")
         if self.teacher_dtype not in TEACHER_DTYPES:

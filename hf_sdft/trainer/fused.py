@@ -1,8 +1,10 @@
 """The fused distillation loss: the output heads applied inside the loss, chunk by chunk, so the
 ``(N, V)`` logits never exist (:func:`fused_linear_distillation_loss`, the trainers'
 :func:`fused_linear_kd_ce_loss`), its autograd function (:class:`_FusedLinearDistillation`) and
-the choice of the chunk's kernel (PyTorch, or Triton's :mod:`hf_sdft.trainer.kd_triton`). The
-divergences themselves are the pure functions of :mod:`hf_sdft.trainer.losses`."""
+the choice of the chunk's kernel (PyTorch, or Triton's :mod:`hf_sdft.trainer.kd_triton`) and of
+its size within a memory budget (:func:`fused_chunk_size`), and the supervised rows found on the
+host off the critical path (:class:`HostRowIndex`). The divergences themselves are the pure
+functions of :mod:`hf_sdft.trainer.losses`."""
 
 from __future__ import annotations
 
@@ -30,16 +32,47 @@ class FusedOptions:
     temperature: float = 1.0
     num_items_in_batch: int | torch.Tensor | None = None
     chunk_size: int | None = None
+    chunk_memory: int | None = None
+    kept_rows: torch.Tensor | None = None
+    head_grad_in_place: bool = False
     student_head_bias: torch.Tensor | None = None
     teacher_head_bias: torch.Tensor | None = None
     kernel: str = "auto"
+
+
+class HostRowIndex:
+    """The indices of the rows a boolean ``keep`` (n,) marks, found without stopping the GPU: made
+    at the start of a step, before the forwards are queued, it queues ``keep``'s copy into pinned
+    host memory; :meth:`rows`, called after the forwards, waits for that copy only (long done by
+    then), finds the rows on the host and queues them back. On the CPU it finds them at once. The
+    fused loss takes them as ``kept_rows`` instead of its own ``nonzero``, which would wait for
+    everything queued before it: the teacher's and the student's whole forwards."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.device = keep.device
+        self.copied = None
+        if keep.is_cuda:
+            self.host = torch.empty(keep.shape, dtype=torch.bool, pin_memory=True)
+            self.host.copy_(keep, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.index = keep.nonzero()[:, 0]
+
+    def rows(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.index = self.host.nonzero()[:, 0].pin_memory().to(self.device, non_blocking=True)
+            self.copied = None
+        return self.index
 
 
 @dataclass(frozen=True)
 class _Run:
     """What the autograd function's pass needs besides tensors: the divergence, the chunk, the
     ``mix`` weights ``(kd, ce)`` (None: two differentiable outputs), whether to build gradients,
-    and whether the chunks run the Triton kernel."""
+    whether the chunks run the Triton kernel, and whether the head's gradient may be added into
+    its ``.grad`` by the backward itself."""
 
     loss_type: str
     beta: float
@@ -48,6 +81,7 @@ class _Run:
     mix: tuple | None
     build: bool
     use_kernel: bool
+    in_place: bool = False
 
 
 def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,22 +117,55 @@ def _divergence_and_gradient(log_s: torch.Tensor, log_t: torch.Tensor, loss_type
     return div, p_s * (a - (p_s * a).sum(-1, keepdim=True))
 
 
-def fused_chunk_size(n: int, vocab: int, hidden: int, kernel: bool = False) -> int:
-    """Default positions per chunk of the fused loss.
+def fused_chunk_size(n: int, vocab: int, hidden: int, kernel: bool = False, *, row_bytes: int | None = None,
+                     budget: int | None = None) -> int:
+    """Positions per chunk of the fused loss: the fastest size, made smaller where a chunk's
+    buffers (``row_bytes`` per position, :func:`chunk_row_bytes`) would exceed ``budget`` bytes.
 
-    PyTorch chunk: a chunk's (rows, V) logits about as large as the (n, hidden) hidden states, and
-    at least max(32, hidden / 4) rows. Each chunk reads both (V, hidden) head weights and adds to
-    the head's gradient, so fewer rows would make the pass memory-bound (timings in
+    Fastest, PyTorch chunk: a chunk's (rows, V) logits about as large as the (n, hidden) hidden
+    states, and at least max(32, hidden / 4) rows. Each chunk reads both (V, hidden) head weights and
+    adds to the head's gradient, so fewer rows would make the pass memory-bound (timings in
     ``benchmarks/costs.md``); a 256-row chunk's float32 logits are a quarter of the head weight's size.
 
-    Triton chunk (``kernel``): hidden / 2 rows (at least 256), so that the chunk's two
+    Fastest, Triton chunk (``kernel``): hidden / 2 rows (at least 256), so that the chunk's two
     half-precision logit blocks are half the size of a half-precision head weight: the (V, H)
     gradient update of each chunk, the pass's memory-bound part, is then spread over enough rows,
     and the loss's peak stays near Liger's.
     """
+    rows = max(256, hidden // 2) if kernel else max(32, hidden // 4, -(-n * hidden // vocab))
+    if budget is not None and row_bytes:
+        rows = min(rows, max(_MIN_CHUNK_ROWS, budget // row_bytes))
+    return max(1, min(rows, n))
+
+
+_MIN_CHUNK_ROWS = 8  # below this the (V, H) gradient update, once per chunk, is all the pass does
+# float32 (rows, V) buffers alive at a PyTorch chunk's peak, per divergence: the logits' log-softmaxes,
+# probabilities and gradient (counted with the allocation trace of tests/trainer/test_chunk_memory.py)
+_TORCH_CHUNK_FLOATS = {"forward_kl": 6, "reverse_kl": 7, "cakld": 7, "jsd": 11}
+_ROW_VECTOR_BYTES = 64  # a chunk's (rows,) vectors per row: divergence, NLL, labels, weights, with room
+_FREE_MEMORY_SHARE = 0.5  # of the device's free memory for one chunk: the rest absorbs fragmentation
+
+
+def chunk_row_bytes(vocab: int, compute_dtype: torch.dtype, kernel: bool, loss_type: str = "forward_kl",
+                    beta: float = 0.5, temperature: float = 1.0) -> int:
+    """Bytes one position of a chunk holds at the chunk's peak: the Triton chunk's two logit rows in
+    the matmul dtype (it writes the gradient over the student's), or the PyTorch chunk's float32
+    rows (one more where the temperature is not 1: the CE's log-probabilities at 1), and the
+    chunk's per-position vectors."""
     if kernel:
-        return max(256, hidden // 2)
-    return max(32, hidden // 4, -(-n * hidden // vocab))
+        return 2 * vocab * torch.tensor([], dtype=compute_dtype).element_size() + _ROW_VECTOR_BYTES
+    floats = _TORCH_CHUNK_FLOATS[_effective(loss_type, beta)] + (temperature != 1.0)
+    return 4 * vocab * floats + _ROW_VECTOR_BYTES
+
+
+def default_chunk_memory(device: torch.device) -> int | None:
+    """The chunk's memory budget when none is given: on CUDA, half of what is free now (the driver's
+    free memory and what torch's cache holds unused); elsewhere none (host memory is not the limit)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(_FREE_MEMORY_SHARE * (free + cached))
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -126,9 +193,14 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except (RuntimeError, TypeError, NotImplementedError):  # a torch without this overload
             _FP32_ACCUMULATING_MM[acc.device] = False
-    step = -(-acc.shape[0] // _ACCUMULATE_BLOCKS)
-    for start in range(0, acc.shape[0], step):
-        acc[start:start + step].add_(a[start:start + step] @ b)
+    for rows in _row_blocks(acc.shape[0], _ACCUMULATE_BLOCKS):
+        acc[rows].add_(a[rows] @ b)
+
+
+def _row_blocks(n: int, blocks: int):
+    """``blocks`` slices covering ``range(n)`` in order."""
+    step = -(-n // blocks)
+    return (slice(start, start + step) for start in range(0, n, step))
 
 
 def _torch_chunk(log_s, log_t, y, w_kd, loss_type, beta, temperature, want_grads, recompute_log_p):
@@ -189,6 +261,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                                  run=run, weights=weights, live=live, grads=grads)
         ctx.grads = grads
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        ctx.heads = (None, *(_plain_leaf(t) if run.in_place else None for t in (ws, bs)))
         if mix is None:
             return sums[0], sums[1], sums.new_zeros(())
         mixed = sums.new_zeros(())
@@ -207,9 +280,37 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 if g is not None:
                     g.mul_(scale)
                     out[i] = g if out[i] is None else out[i].add_(g)
+        for i, head in enumerate(ctx.heads):
+            if head is not None and out[i] is not None and head.grad is not None:
+                _add_by_blocks(head.grad, out[i])
+                out[i] = None
         out = [None if g is None else g.to(dtype) for g, dtype in zip(out, ctx.dtypes)]
-        ctx.grads = None
+        ctx.grads = ctx.heads = None
         return (*out, None, None, None, None, None, None)
+
+
+_ADD_BLOCKS = 16  # row blocks of a mixed-dtype in-place add: its float32 temporaries (on CPU) are 1/16 of it
+
+
+def _add_by_blocks(grad: torch.Tensor, g: torch.Tensor) -> None:
+    """``grad += g`` in place, summed in ``g``'s float32 and rounded once to ``grad``'s dtype; by row
+    blocks, so that where torch casts through float32 temporaries none is larger than a block."""
+    if grad.dtype == g.dtype or grad.dim() == 0:
+        grad.add_(g)
+        return
+    for rows in _row_blocks(grad.shape[0], _ADD_BLOCKS):
+        grad[rows].add_(g[rows])
+
+
+def _plain_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` when the backward may add into its ``.grad`` directly: a plain leaf tensor with no hook
+    that autograd's accumulation would run (DDP's and FSDP's are not visible here: the caller
+    asks for this only without them)."""
+    if t is None or not t.is_leaf or not t.requires_grad or type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if getattr(t, "_post_accumulate_grad_hooks", None) or getattr(t, "_backward_hooks", None):
+        return None
+    return t
 
 
 def _fused_chunks(hs, ws, bs, ht, wt, bt, kd_row_weight, labels, *, run: _Run, weights, live, grads) -> torch.Tensor:
@@ -308,9 +409,14 @@ def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_wei
         kd_rows = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
     kd_count = kd_rows.sum()
     ce_count = None if labelled is None else labelled.sum()
-    keep = kd_rows if labelled is None else kd_rows | labelled
-    kept = keep.nonzero()[:, 0]  # the call's one host sync: rows nobody supervises cost nothing
-    if kept.numel() < keep.numel():
+    if o.kept_rows is not None:  # found by the caller, off the critical path (HostRowIndex)
+        if o.kept_rows.dim() != 1 or o.kept_rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kept_rows must be a 1-D integer index of flattened positions, got "
+                             f"{o.kept_rows.dtype} of shape {tuple(o.kept_rows.shape)}")
+        kept = o.kept_rows.to(hs.device)
+    else:  # the call's one host sync: rows nobody supervises cost nothing
+        kept = (kd_rows if labelled is None else kd_rows | labelled).nonzero()[:, 0]
+    if kept.numel() < hs.shape[0]:
         hs, ht, kd_rows = hs.index_select(0, kept), ht.index_select(0, kept.to(ht.device)), kd_rows.index_select(0, kept)
         flat_labels = None if flat_labels is None else flat_labels.index_select(0, kept)
     one = torch.ones((), device=hs.device)  # sum → reduced loss: × kd_scale, × ce_scale
@@ -323,9 +429,15 @@ def _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_wei
         ce_weight = 1.0 - kd_ratio if ce_scale is not None else 0.0
         mix = (kd_ratio * kd_scale if kd_ratio else 0.0, ce_weight * ce_scale if ce_weight else 0.0)
     use_kernel = _use_kernel(kernel, hs.device, loss_type, beta, mix)
-    chunk = o.chunk_size or fused_chunk_size(hs.shape[0], student_head_weight.shape[0], hs.shape[1], use_kernel)
+    chunk = o.chunk_size
+    if chunk is None:
+        vocab = student_head_weight.shape[0]
+        budget = o.chunk_memory if o.chunk_memory is not None else default_chunk_memory(hs.device)
+        row_bytes = chunk_row_bytes(vocab, _compute_dtype(hs, student_head_weight), use_kernel, loss_type, beta,
+                                    temperature)
+        chunk = fused_chunk_size(hs.shape[0], vocab, hs.shape[1], use_kernel, row_bytes=row_bytes, budget=budget)
     run = _Run(loss_type=loss_type, beta=beta, temperature=temperature, chunk=chunk, mix=mix,
-               build=torch.is_grad_enabled(), use_kernel=use_kernel)
+               build=torch.is_grad_enabled(), use_kernel=use_kernel, in_place=o.head_grad_in_place)
     kd_sum, ce_sum, mixed = _FusedLinearDistillation.apply(
         hs, student_head_weight, o.student_head_bias, ht, teacher_head_weight, o.teacher_head_bias,
         kd_rows.float(), flat_labels, run,
@@ -342,14 +454,23 @@ _FUSED_ARGS = """
             (the teacher's side is never differentiated and may live on another device).
         mask: bool ``(...)``, the positions distilled (default: all, or those with a label).
         labels: ``(...)`` token ids for the cross-entropy, −100 = not supervised (no shift is done).
-        chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`.
+        chunk_size: positions per chunk; None sizes it with :func:`fused_chunk_size`, within
+            ``chunk_memory`` bytes for a chunk's buffers (None: :func:`default_chunk_memory`).
+        kept_rows: the indices of the flattened positions in ``mask`` or with a label, when the
+            caller has them (:class:`HostRowIndex`); None finds them here, the call's one host sync.
+        head_grad_in_place: where the student head's weight (and bias) already has a ``.grad``, the
+            backward adds the float32 gradient into it itself, instead of handing autograd a copy in
+            the weight's dtype (a (V, H) buffer for a half-precision head). Its accumulation hooks do
+            not run then: only for a single process (no DDP, FSDP or DeepSpeed), and a leaf with a
+            hook is left to autograd.
         kernel: ``auto`` (the Triton chunk of :mod:`hf_sdft.trainer.kd_triton` on CUDA for forward / reverse
             KL in :func:`fused_linear_kd_ce_loss`, else PyTorch), ``triton`` (required) or ``torch``.
 
     Each chunk computes both heads' logits in the matmul dtype (autocast's, else the inputs'), the
     log-softmaxes and sums in float32 (KD at the temperature, CE at 1), and the gradients of the
     chunk right away, so the peak memory is a chunk of logits plus gradient buffers the size of the
-    inputs. The loop never reads a value back to the host (one sync per call, to drop unsupervised rows).
+    inputs. The loop never reads a value back to the host (one sync per call, to drop unsupervised
+    rows, unless ``kept_rows`` are given).
 """
 
 
@@ -366,6 +487,9 @@ def fused_linear_distillation_loss(
     temperature: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    chunk_memory: int | None = None,
+    kept_rows: torch.Tensor | None = None,
+    head_grad_in_place: bool = False,
     student_head_bias: torch.Tensor | None = None,
     teacher_head_bias: torch.Tensor | None = None,
     kernel: str = "auto",
@@ -377,8 +501,8 @@ def fused_linear_distillation_loss(
     keeps one).
     """
     options = FusedOptions(loss_type=loss_type, beta=beta, temperature=temperature,
-                           num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-                           student_head_bias=student_head_bias, teacher_head_bias=teacher_head_bias, kernel=kernel)
+                           num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, chunk_memory=chunk_memory,
+                           kept_rows=kept_rows, head_grad_in_place=head_grad_in_place, student_head_bias=student_head_bias, teacher_head_bias=teacher_head_bias, kernel=kernel)
     kd, ce, _ = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
                        options, None)
     return kd, ce

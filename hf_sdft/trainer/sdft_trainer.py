@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from transformers import Trainer, TrainerCallback
@@ -39,7 +40,7 @@ from hf_sdft.modeling import (
     teacher_context,
     unwrap,
 )
-from hf_sdft.trainer.fused import fused_linear_kd_ce_loss
+from hf_sdft.trainer.fused import HostRowIndex, fused_linear_kd_ce_loss
 from hf_sdft.trainer.losses import (
     cached_label_logprobs,
     distillation_loss,
@@ -175,6 +176,9 @@ class SDFTMixin:
         check_fsdp_launch(self.accelerator)
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self.fused_heads = self._fused_heads() if self.args.kd_fused and self.teacher_cache is None else None
+        # one process, no wrapper hooking gradient accumulation: the fused loss's backward may add
+        # the head's gradient into its .grad itself (no copy of it in a half-precision head's dtype)
+        self.head_grad_in_place = self.accelerator.distributed_type == DistributedType.NO
         self.output_loss = "cache" if self.teacher_cache is not None else "fused" if self.fused_heads else "logits"
         self.cakld_gamma = self.args.cakld_gamma  # kd_loss cakld: estimated at the first loss when unset
         # compute_loss normalises CE and KD by the token count of the whole accumulated batch,
@@ -447,6 +451,8 @@ class SDFTMixin:
         batch = _Batch.of(inputs, self.args.kd_ratio)
         kind = "logits" if return_outputs and self.output_loss == "fused" else self.output_loss
         s_head, t_head = self.fused_heads if kind == "fused" else (None, None)
+        # the fused loss's supervised rows, found while the forwards run (no host sync after them)
+        rows = HostRowIndex(batch.mask.flatten()) if kind == "fused" else None
         with capture_layers(model, self.cka_loss_layers) as student_hidden, \
                 (head_input(s_head) if s_head is not None else contextlib.nullcontext()) as s_in:
             outputs = model(**batch.model_inputs)
@@ -459,7 +465,7 @@ class SDFTMixin:
         with torch.set_grad_enabled(output_grad), self.accelerator.autocast():
             output_loss = {"fused": self._fused_output_loss, "logits": self._logits_output_loss,
                            "cache": self._cache_output_loss}[kind]
-            mixed, kd_sum, ce_sum = output_loss(student_out, teacher_out, batch, output_grad)
+            mixed, kd_sum, ce_sum = output_loss(student_out, teacher_out, batch, output_grad, rows)
         loss = self._token_loss(mixed, batch, num_items_in_batch, model.training)
         metrics = {"ce_loss": ce_sum.detach() / batch.n_local, "kd_loss": kd_sum.detach() / batch.n_local,
                    EMPTY_BATCHES: (~batch.mask).all().float()}
@@ -477,23 +483,25 @@ class SDFTMixin:
         return dict(loss_type=args.kd_loss, beta=self.divergence_beta(), temperature=args.kd_temperature,
                     num_items_in_batch=1, chunk_size=args.kd_chunk_size)
 
-    def _fused_output_loss(self, student_hidden, teacher_hidden, batch: _Batch, output_grad: bool):
+    def _fused_output_loss(self, student_hidden, teacher_hidden, batch: _Batch, output_grad: bool, rows):
         """Heads applied inside the loss, chunk by chunk: one gradient buffer for the weighted sum
-        (kd_ratio 1 builds no CE gradient)."""
+        (kd_ratio 1 builds no CE gradient), on the supervised ``rows`` found during the forwards."""
         s_head, t_head = self.fused_heads
+        memory = self.args.kd_chunk_memory_mb
         return fused_linear_kd_ce_loss(
             student_hidden[..., :-1, :], s_head.weight, teacher_hidden[..., :-1, :], t_head.weight, batch.mask,
             batch.shift_labels, kd_ratio=batch.kd_ratio, student_head_bias=s_head.bias, teacher_head_bias=t_head.bias,
-            kernel=self.args.kd_kernel, **self._kd_kwargs(),
+            kernel=self.args.kd_kernel, kept_rows=rows.rows(), head_grad_in_place=self.head_grad_in_place,
+            chunk_memory=None if memory is None else int(memory * 2**20), **self._kd_kwargs(),
         )
 
-    def _logits_output_loss(self, student_logits, teacher_logits, batch: _Batch, output_grad: bool):
+    def _logits_output_loss(self, student_logits, teacher_logits, batch: _Batch, output_grad: bool, _rows):
         """KD on the models' own logits (a head that is not a plain linear layer, or ``kd_fused`` off)."""
         student_logits = student_logits[..., :-1, :]
         kd_sum = distillation_loss(student_logits, teacher_logits[..., :-1, :], batch.mask, **self._kd_kwargs())
         return self._mix(student_logits, kd_sum, batch, output_grad)
 
-    def _cache_output_loss(self, student_logits, _teacher, batch: _Batch, output_grad: bool):
+    def _cache_output_loss(self, student_logits, _teacher, batch: _Batch, output_grad: bool, _rows):
         """KD on a teacher cache's top-k log-probabilities (and the tail's mass)."""
         student_logits = student_logits[..., :-1, :]
         cached = [batch.inputs[k][:, :-1] for k in CACHE_COLUMNS]

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sdft import SDFTConfig
-from hf_sdft.trainer.fused import fused_linear_distillation_loss, fused_linear_kd_ce_loss
+from hf_sdft.trainer.fused import HostRowIndex, fused_linear_distillation_loss, fused_linear_kd_ce_loss
 from tests.helpers import cpu_args, make_model, make_texts, perturb
 from tests.trainer.test_trainer import logged, sdft_trainer
 
@@ -259,9 +259,13 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.ours = [], []  # op names; whether hf_sdft's code (not transformers') asked
+        self.at, self.first_matmul, self.count = [], None, 0  # when each was asked, in ops dispatched
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        self.count += 1
+        if self.first_matmul is None and name in ("mm", "addmm", "bmm"):
+            self.first_matmul = self.count
         boolean_index = name in ("index", "index_put", "index_put_") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
         if name in ("_local_scalar_dense", "nonzero", "masked_select", "masked_scatter") or boolean_index:
@@ -269,6 +273,7 @@ class HostSyncs(TorchDispatchMode):
                           and not f.filename.endswith("test_fused_loss.py"))
             self.ops.append(name)
             self.ours.append("/hf_sdft/" in caller)
+            self.at.append(self.count)
         return func(*args, **(kwargs or {}))
 
 
@@ -292,8 +297,9 @@ def test_fused_loss_host_syncs_do_not_grow_with_the_chunks(kd_ratio, kind):
     assert len(syncs_of_one_call(256, 8, kd_ratio, temperature=2.0, loss_type=kind)) == 1
 
 
-def sdft_step_syncs(tmp_path, tokenizer, seq_len, chunk, **kw):
-    """Host syncs in one SDFT micro-batch step (forward, fused loss, backward) of the trainer."""
+def sdft_step_syncs(tmp_path, tokenizer, seq_len, chunk, seen_out=None, **kw):
+    """Host syncs in one SDFT micro-batch step (forward, fused loss, backward) of the trainer
+    (``seen_out``: a list that receives the :class:`HostSyncs` record)."""
     teacher = make_model(seed=0)
     trainer = sdft_trainer(tmp_path, perturb(copy.deepcopy(teacher)), teacher, tokenizer, make_texts(16),
                            max_steps=1, kd_chunk_size=chunk, kd_ratio=0.5, **kw)
@@ -307,17 +313,47 @@ def sdft_step_syncs(tmp_path, tokenizer, seq_len, chunk, **kw):
     with HostSyncs() as seen:
         trainer.training_step(trainer.model, batch, num_items_in_batch=(labels[:, 1:] != -100).sum())
     assert trainer.fused_heads is not None
+    if seen_out is not None:
+        seen_out.append(seen)
     return list(zip(seen.ops, seen.ours))
 
 
 def test_sdft_step_host_syncs_are_constant(tmp_path, tokenizer):
-    short = sdft_step_syncs(tmp_path / "a", tokenizer, 16, 8)  # 6 chunks
+    seen = []
+    short = sdft_step_syncs(tmp_path / "a", tokenizer, 16, 8, seen)  # 6 chunks
     long = sdft_step_syncs(tmp_path / "b", tokenizer, 64, 8)  # 24 chunks
     assert short == long
-    # ours: the loss's compaction only (the empty-batch check waits for the log's one gather);
+    # ours: the loss's row index only (the empty-batch check waits for the log's one gather);
     # transformers' mask check once per model forward
     assert [op for op, ours in short if ours] == ["nonzero"], short
     assert len(short) == 3, short
+    # issue 27.5: the row index is found before the forwards run (HostRowIndex), not after them
+    ours_at = [at for at, ours in zip(seen[0].at, seen[0].ours) if ours]
+    assert ours_at[0] < seen[0].first_matmul, (ours_at, seen[0].first_matmul)
+
+
+def test_given_kept_rows_remove_the_loss_host_sync():
+    """The fused loss with its rows given (HostRowIndex's) reads nothing back to the host and
+    computes what it computes finding them itself."""
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(40, 16, generator=g, requires_grad=True), torch.randn(96, 16, generator=g, requires_grad=True)
+    ht, wt = torch.randn(40, 16, generator=g), torch.randn(96, 16, generator=g)
+    labels = torch.randint(96, (40,), generator=g)
+    labels[::3] = -100
+    results = []
+    for given in (False, True):
+        rows = HostRowIndex(labels != -100).rows() if given else None
+        with HostSyncs() as seen:
+            loss, kd, ce = fused_linear_kd_ce_loss(hs, ws, ht, wt, labels=labels, kd_ratio=0.5, chunk_size=8,
+                                                   kept_rows=rows)
+            loss.backward()
+        results.append((seen.ops, loss.detach(), hs.grad.clone(), ws.grad.clone()))
+        hs.grad = ws.grad = None
+    assert results[0][0] == ["nonzero"] and results[1][0] == []
+    for found, given in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(given, found, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kept_rows"):
+        fused_linear_kd_ce_loss(hs, ws, ht, wt, labels=labels, kd_ratio=0.5, kept_rows=labels != -100)
 
 
 @pytest.mark.parametrize("cka", [{"cka_weight": 0.1}, {"cka_weight": 0.1, "cka_tokens": 24}], ids=["all", "sampled"])
