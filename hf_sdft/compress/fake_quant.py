@@ -1,8 +1,13 @@
 """Quantization-aware training in plain PyTorch: :class:`FakeQuantLinear` computes with its float
 weight rounded to the integer grid (:func:`fake_quantize`) and passes gradients straight through to
-the float weight. No compiled kernel, no JIT build, no optimum-quanto import: a few elementwise ops
-over the weight at every forward, on any device, under autocast (``F.linear`` casts the rounded
-weight like any other).
+the float weight. No optimum-quanto import and no JIT build that needs nvcc: by default (and always
+on CPU) a few elementwise ops over the weight at every forward in plain PyTorch, on any device,
+under autocast (``F.linear`` casts the rounded weight like any other). On CUDA the min/max grid can
+run as one fused kernel instead (:attr:`FakeQuantLinear.compile_grid`, the trainers'
+``quant_compile``): ``torch.compile`` of the same function, whose inductor backend generates Triton
+there (Triton ships its own compiler), with the same values bit for bit
+(:func:`compiled_fake_quant_available`, :func:`fake_quantize`'s ``compiled``; checked on CPU through
+inductor's C++ backend by tests/compress/test_compiled_fake_quant.py, which repeats it on CUDA).
 
 The grid is optimum-quanto 0.2.7's, value for value (tests/compress/test_fake_quant.py checks it against
 quanto's ``dequantize()``), so a student trained here and saved in quanto's format
@@ -32,6 +37,10 @@ the loss (LSQ-style straight-through gradients). quanto's tensors take any float
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import types
 
 import torch
 import torch.nn.functional as F
@@ -164,13 +173,22 @@ def _bounds(grouped: torch.Tensor, bits: int, symmetric: bool):
     return grouped.amin(dim=1, keepdim=True), grouped.amax(dim=1, keepdim=True)
 
 
-def _scales_from(low, high, bits: int, ratio, fp16_scales: bool):
-    """``(scale, shift)`` of the range ``[ratio·low, ratio·high]`` (see :func:`minmax_scales`)."""
+def grid_divisor(bits: int, symmetric: bool) -> float:
+    """What a min/max grid divides its range by: :func:`symmetric_divisor` (int8 always), else
+    ``2^bits - 1`` (quanto's asymmetric ``(max - min) / (2^bits - 1)``)."""
+    return symmetric_divisor(bits) if bits == 8 or symmetric else 2**bits - 1
+
+
+def _scales_from(low, high, bits: int, ratio, fp16_scales: bool, divisor=None):
+    """``(scale, shift)`` of the range ``[ratio·low, ratio·high]`` (see :func:`minmax_scales`);
+    ``divisor`` (default :func:`grid_divisor`) may be given as a tensor (see :func:`_compiled_rounder`)."""
+    if divisor is None:
+        divisor = grid_divisor(bits, low is None)
     if low is None:
-        scale, shift = ratio * high / symmetric_divisor(bits), None
+        scale, shift = ratio * high / divisor, None
     else:
         low, high = ratio * low, ratio * high
-        scale, shift = (high - low) / (2**bits - 1), -low
+        scale, shift = (high - low) / divisor, -low
     if fp16_scales:
         scale, shift = to_fp16_grid(scale), None if shift is None else to_fp16_grid(shift)
     return scale, shift
@@ -219,10 +237,15 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
             scale, shift = to_fp16_grid(scale), None if shift is None else to_fp16_grid(shift)
         return codes_with(weight, bits, group_size, scale, shift), scale, shift
     scale, shift = minmax_scales(weight, bits, group_size, symmetric=symmetric, fp16_scales=fp16_scales)
-    grouped = _grouped(weight, group_size)
+    return _minmax_codes(_grouped(weight, group_size), scale, shift, bits, symmetric), scale, shift
+
+
+def _minmax_codes(grouped: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
+                  symmetric: bool) -> torch.Tensor:
+    """The min/max grid's codes of grouped weights (float, integer-valued)."""
     codes = torch.clamp(torch.round((grouped if shift is None else grouped + shift) / scale),
                         *code_range(bits, symmetric))
-    return torch.nan_to_num(codes, nan=0.0), scale, shift  # a constant group's 0 / 0: code 0, as quanto's
+    return torch.nan_to_num(codes, nan=0.0)  # a constant group's 0 / 0: code 0, as quanto's
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
@@ -235,22 +258,57 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     return values.reshape(shape)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the weight rounded to the grid. Backward: the gradient, unchanged (quanto's too)."""
+def _minmax_rounded(weight: torch.Tensor, divisor, bits: int, group_size: int | None, symmetric: bool,
+                    fp16_scales: bool) -> torch.Tensor:
+    """``weight`` rounded to its min/max grid (:func:`quantize_weight` then :func:`dequantize_weight`),
+    ``divisor`` the grid's (:func:`grid_divisor`): the function that eager and compiled forwards share."""
+    grouped = _grouped(weight, group_size)
+    scale, shift = _scales_from(*_bounds(grouped, bits, symmetric), bits, 1.0, fp16_scales, divisor)
+    return dequantize_weight(_minmax_codes(grouped, scale, shift, bits, symmetric), scale, shift, weight.shape)
 
-    @staticmethod
-    def forward(ctx, weight, bits, group_size, symmetric, fp16_scales):
-        return dequantize_weight(*quantize_weight(weight, bits, group_size, symmetric=symmetric,
-                                                  fp16_scales=fp16_scales), weight.shape)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None, None
+# inductor options that keep eager's float32 arithmetic op for op, so that the grid stays quanto's
+# bit for bit: no elided float16 round trip (fp16_scales) and no fused multiply-add in Triton
+# (emulate_precision_casts), IEEE division in Triton instead of its approximate one, no flushed
+# subnormals (eager_numerics). emulate_precision_casts also points Triton at the CUDA toolkit's
+# libdevice where there is one (else a warning, Triton's own: only pow and the like differ)
+EXACT_INDUCTOR = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                  "eager_numerics.disable_ftz": True}
+
+
+@functools.cache
+def _compiled_rounder(bits: int, group_size: int | None, symmetric: bool, fp16_scales: bool, shape: torch.Size,
+                      dtype: torch.dtype, device: torch.device):
+    """:func:`_minmax_rounded` compiled for one layer kind, as ``weight -> rounded weight``.
+
+    Each key compiles a fresh copy of the function's code: dynamo keeps its graphs, and counts its
+    recompilations (8 at most, a hard error under ``fullgraph``), per code object, so one copy per
+    static shape and grid compiles exactly once. The divisor is a tensor input, not a constant:
+    inductor turns a division by a constant into a multiplication by its reciprocal on GPUs, which
+    is not the same float."""
+    fresh = types.FunctionType(_minmax_rounded.__code__.replace(), _minmax_rounded.__globals__, "_minmax_rounded")
+    compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=EXACT_INDUCTOR)
+    divisor = torch.tensor(grid_divisor(bits, symmetric), dtype=dtype, device=device)
+    return lambda weight: compiled(weight, divisor, bits, group_size, symmetric, fp16_scales)
+
+
+TRITON_MIN_CAPABILITY = 7  # Triton's oldest supported GPU generation (Volta, sm_70)
+
+
+def compiled_fake_quant_available(device) -> bool:
+    """Whether the compiled min/max grid (:func:`fake_quantize`'s ``compiled``) runs by default on
+    ``device``: a CUDA GPU that Triton supports (compute capability 7.0+) with Triton importable,
+    where inductor generates a Triton kernel (no nvcc, no C++ build). False on CPU, which keeps the
+    pure-PyTorch path (inductor's CPU backend would build C++ with the system compiler)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= TRITON_MIN_CAPABILITY
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                  symmetric: bool = False, fp16_scales: bool = False) -> torch.Tensor:
+                  symmetric: bool = False, fp16_scales: bool = False, compiled: bool = False) -> torch.Tensor:
     """``weight`` rounded to the ``bits`` grid. Without ``scale``: the min/max grid recomputed from
     ``weight`` (:func:`minmax_scales`; quanto's values when asymmetric without ``fp16_scales``), the
     gradient passed straight through unchanged. With a held ``scale`` / ``shift``:
@@ -258,9 +316,20 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None
     by autograd with straight-through rounding (LSQ): to ``w`` inside the range only, to ``scale``
     ``code - (w + shift) / scale`` inside and ``code`` outside, to ``shift`` 0 inside and -1 outside
     (summed over each group). ``fp16_scales`` computes with the held scale and shift rounded to
-    float16 values, the gradient passed straight through that rounding."""
+    float16 values, the gradient passed straight through that rounding.
+
+    ``compiled`` (min/max grid only; a held grid stays eager): the forward as one fused kernel
+    (``torch.compile`` of the same function, compiled once per weight shape, dtype, device and grid),
+    the same values bit for bit; on any device (CPU too, for the tests), though only where
+    :func:`compiled_fake_quant_available` do the trainers ask for it."""
     if scale is None:
-        return _StraightThrough.apply(weight, bits, group_size, symmetric, fp16_scales)
+        if compiled:
+            rounder = _compiled_rounder(bits, group_size, symmetric, fp16_scales, weight.shape, weight.dtype,
+                                        weight.device)
+        else:
+            rounder = functools.partial(_minmax_rounded, divisor=grid_divisor(bits, symmetric), bits=bits,
+                                        group_size=group_size, symmetric=symmetric, fp16_scales=fp16_scales)
+        return straight_through(rounder, weight)
     if fp16_scales:
         scale = straight_through(to_fp16_grid, scale)
         shift = None if shift is None else straight_through(to_fp16_grid, shift)
@@ -316,9 +385,14 @@ class FakeQuantLinear(nn.Linear):
     one per forward, at the cost of keeping that weight (and, on a held grid, a boolean in-range
     mask) between forwards; :func:`forget_grids` after every weight update (hf-sdft's trainers call
     it). Values and gradients are those of :func:`fake_quantize`; learned scales never reuse (their
-    gradient needs the whole computation)."""
+    gradient needs the whole computation).
+
+    ``compile_grid`` (off by default; the trainers turn it on where
+    :func:`compiled_fake_quant_available`) computes the min/max grid as one fused kernel
+    (:func:`fake_quantize`'s ``compiled``), the same values and gradients; a held grid stays eager."""
 
     reuse_grid: bool = False
+    compile_grid: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = None, device=None, dtype=None, symmetric: bool = False,
@@ -413,7 +487,7 @@ class FakeQuantLinear(nn.Linear):
 
     def _fake_quantized_now(self) -> torch.Tensor:
         return fake_quantize(self.weight, self.bits, self.group_size, self.weight_scale, self.weight_shift,
-                             symmetric=self.symmetric, fp16_scales=self.fp16_scales)
+                             symmetric=self.symmetric, fp16_scales=self.fp16_scales, compiled=self.compile_grid)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:

@@ -62,7 +62,7 @@ TRAINING_FIELDS = (  # transformers.TrainingArguments fields that shape the resu
     "label_smoothing_factor", "neftune_noise_alpha", "full_determinism",
 )
 SDFT_SKIPPED = ("teacher_device", "use_kernels", "kd_chunk_size", "kd_chunk_memory_mb", "kd_fused", "kd_kernel",
-                "quant_reuse_grid")  # how, not what
+                "quant_reuse_grid", "quant_compile")  # how, not what
 JOB_SKIPPED = ("eval_tasks", "eval_limit", "eval_batch_size", "export_formats", "export_allow_rounding", "hub_format",
                "overwrite_output_dir")
 DATA_FILES = ("train_file", "eval_file", "narrow_train_file", "narrow_eval_file")

@@ -27,7 +27,13 @@ from trl import SFTTrainer
 
 from hf_sdft.cka.callback import CKACallback
 from hf_sdft.cka.metric import masked_linear_cka, sample_rows
-from hf_sdft.compress.fake_quant import FakeQuantLinear, forget_grids, scale_group, split_scale_parameters
+from hf_sdft.compress.fake_quant import (
+    FakeQuantLinear,
+    compiled_fake_quant_available,
+    forget_grids,
+    scale_group,
+    split_scale_parameters,
+)
 from hf_sdft.data import pad
 from hf_sdft.distributed import check_fsdp_launch
 from hf_sdft.modeling import (
@@ -190,21 +196,40 @@ class SDFTMixin:
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CKACallback):  # it measures against this trainer's teacher
                 cb.bind(self)
-        self._reuse_fake_quant_grids()
+        self._configure_fake_quant()
         self._resumed_from = None
         if self.on_policy is not None or self.args.teacher_model_kind == "ema":
             self.add_callback(ResumeStateCallback(self))  # what a checkpoint must carry besides the Trainer's own
 
-    def _reuse_fake_quant_grids(self) -> None:
-        """``quant_reuse_grid``: fake-quantized layers compute their grid once per optimizer step
-        (:attr:`~hf_sdft.compress.fake_quant.FakeQuantLinear.reuse_grid`) where a step runs several
-        forwards of the same weights (auto: gradient accumulation or checkpointing)."""
+    def _configure_fake_quant(self) -> None:
+        """How fake-quantized layers compute, never what. ``quant_reuse_grid``: their grid once per
+        optimizer step (:attr:`~hf_sdft.compress.fake_quant.FakeQuantLinear.reuse_grid`) where a step
+        runs several forwards of the same weights (auto: gradient accumulation or checkpointing).
+        ``quant_compile``: the min/max grid as one fused kernel (``compile_grid``) on the layers
+        whose device runs it (auto; not under ``torch_compile``, whose graph fuses it already), on
+        all of them (true: an error for a layer elsewhere) or none."""
         choice = str(self.args.quant_reuse_grid).lower()
         several = self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing)
         reuse = choice == "true" or (choice == "auto" and several)
-        for module in unwrap(self.model).modules():
+        compile_choice = str(self.args.quant_compile).lower()
+        if compile_choice == "auto" and self.args.torch_compile:
+            compile_choice = "false"
+        for name, module in unwrap(self.model).named_modules():
             if isinstance(module, FakeQuantLinear):
                 module.reuse_grid = reuse
+                module.compile_grid = compile_choice != "false" and self._compiles_grid(name, module, compile_choice)
+
+    def _compiles_grid(self, name: str, layer: FakeQuantLinear, choice: str) -> bool:
+        """Whether ``layer``'s device runs the compiled grid; ``quant_compile=true`` where it does not: an error."""
+        device = layer.weight.device
+        if device.type != "cuda":  # not placed yet (FSDP, DeepSpeed) or offloaded: the training device
+            device = self.args.device
+        if compiled_fake_quant_available(device):
+            return True
+        if choice == "true":
+            raise ValueError(f"quant_compile=true: {name} computes on {device}, where the fused fake quantization "
+                             "does not run (a CUDA GPU with Triton only); set quant_compile auto or false")
+        return False
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's ``train``, remembering the checkpoint it resumes from (for
