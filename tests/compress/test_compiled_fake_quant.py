@@ -14,6 +14,7 @@ import hf_sdft.compress.fake_quant as fq
 from hf_sdft.compress.fake_quant import FakeQuantLinear, compiled_fake_quant_available, fake_quantize
 from hf_sdft.compress.quantize import quantize_student, quantized_modules
 from hf_sdft.trainer.config import SDFTConfig
+from tests.compress.test_reuse_grid import accumulate_side_by_side
 from tests.helpers import cpu_args, make_model, make_texts, make_tokenizer
 from tests.trainer.test_trainer import sdft_trainer
 
@@ -89,11 +90,7 @@ def test_a_compiled_layer_reusing_its_grid_trains_as_the_eager_one():
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     optimizers = [torch.optim.AdamW([m.weight], lr=1e-2) for m in (eager, compiled)]
     for _ in range(2):  # two optimizer steps of two micro-batches
-        for micro in range(2):
-            a, b = eager(x * (micro + 1)), compiled(x * (micro + 1))
-            assert torch.equal(a, b)
-            a.square().sum().backward()
-            b.square().sum().backward()
+        accumulate_side_by_side(eager, compiled, x, 2)
         assert torch.equal(compiled.weight.grad, eager.weight.grad)
         for opt in optimizers:
             opt.step()

@@ -34,6 +34,16 @@ def pair(held: bool, symmetric: bool):
     return every, reused
 
 
+def accumulate_side_by_side(first, second, x, micro_batches: int) -> None:
+    """Forward and backward of both layers on ``micro_batches`` scaled copies of ``x``, their
+    outputs equal at each."""
+    for micro in range(micro_batches):
+        a, b = first(x * (micro + 1)), second(x * (micro + 1))
+        assert torch.equal(a, b)
+        a.square().sum().backward()
+        b.square().sum().backward()
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("held", [False, True])
 def test_reused_grid_gives_the_same_values_and_gradients(held, symmetric, monkeypatch):
@@ -41,11 +51,7 @@ def test_reused_grid_gives_the_same_values_and_gradients(held, symmetric, monkey
     calls = count_fake_quantizations(monkeypatch)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # two optimizer steps of three micro-batches
-        for micro in range(3):
-            a, b = every(x * (micro + 1)), reused(x * (micro + 1))
-            assert torch.equal(a, b)
-            a.square().sum().backward()
-            b.square().sum().backward()
+        accumulate_side_by_side(every, reused, x, 3)
         # the min/max grid passes the gradient unchanged (equal); a held grid computes it as
         # g·scale/scale inside the range, g here: equal up to float32 rounding
         torch.testing.assert_close(reused.weight.grad, every.weight.grad, rtol=1e-5, atol=0)
