@@ -3,8 +3,8 @@ its own time box (a subprocess stopped at its limit; what it finished is kept, t
 reported as not measured).
 
     python benchmarks/gpu.py            # on a CUDA machine; writes benchmarks/results/gpu.md + gpu.json
-    python benchmarks/gpu.py --parts loss steps profile; python benchmarks/gpu.py --update --parts capacity job-default job-int2
-                                        # the same in two calls of at most 10 minutes each
+    python benchmarks/gpu.py --parts loss steps profile        # the same in two calls of at most
+    python benchmarks/gpu.py --update --parts capacity job-default job-int2   # 10 minutes each
     python benchmarks/gpu.py --smoke    # every part at toy sizes on CPU in about a minute (a test runs it)
 
 Parts:

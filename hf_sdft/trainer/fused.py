@@ -295,7 +295,7 @@ _ADD_BLOCKS = 16  # row blocks of a mixed-dtype in-place add: its float32 tempor
 def _add_by_blocks(grad: torch.Tensor, g: torch.Tensor) -> None:
     """``grad += g`` in place, summed in ``g``'s float32 and rounded once to ``grad``'s dtype; by row
     blocks, so that where torch casts through float32 temporaries none is larger than a block."""
-    if grad.dtype == g.dtype or grad.dim() == 0:
+    if grad.dtype == g.dtype:
         grad.add_(g)
         return
     for rows in _row_blocks(grad.shape[0], _ADD_BLOCKS):
@@ -502,7 +502,8 @@ def fused_linear_distillation_loss(
     """
     options = FusedOptions(loss_type=loss_type, beta=beta, temperature=temperature,
                            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, chunk_memory=chunk_memory,
-                           kept_rows=kept_rows, head_grad_in_place=head_grad_in_place, student_head_bias=student_head_bias, teacher_head_bias=teacher_head_bias, kernel=kernel)
+                           kept_rows=kept_rows, head_grad_in_place=head_grad_in_place,
+                           student_head_bias=student_head_bias, teacher_head_bias=teacher_head_bias, kernel=kernel)
     kd, ce, _ = _fused(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask, labels,
                        options, None)
     return kd, ce
