@@ -55,7 +55,7 @@ class HostRowIndex:
             self.host = torch.empty(keep.shape, dtype=torch.bool, pin_memory=True)
             self.host.copy_(keep, non_blocking=True)
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(keep.device))  # the stream the copy was queued on
         else:
             self.index = keep.nonzero()[:, 0]
 
