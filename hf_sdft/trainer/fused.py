@@ -153,7 +153,7 @@ def chunk_row_bytes(vocab: int, compute_dtype: torch.dtype, kernel: bool, loss_t
     rows (one more where the temperature is not 1: the CE's log-probabilities at 1), and the
     chunk's per-position vectors."""
     if kernel:
-        return 2 * vocab * torch.tensor([], dtype=compute_dtype).element_size() + _ROW_VECTOR_BYTES
+        return 2 * vocab * compute_dtype.itemsize + _ROW_VECTOR_BYTES
     floats = _TORCH_CHUNK_FLOATS[_effective(loss_type, beta)] + (temperature != 1.0)
     return 4 * vocab * floats + _ROW_VECTOR_BYTES
 
